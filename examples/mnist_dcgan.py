@@ -1,0 +1,466 @@
+r"""Trains a DCGAN on MNIST: the TF1 tutorial's three phases, done right.
+
+  # 1. Train G and D (one D update, then one G update, per batch).
+  python examples/mnist_dcgan.py --workdir=/tmp/dcgan \
+      --mnist_dir=../shared/datasets/mnist
+  # 2. Train D alone against the frozen G.
+  python examples/mnist_dcgan.py --workdir=/tmp/dcgan --phase=discriminator
+  # 3. Generate 1000 images and compare them with real test digits.
+  python examples/mnist_dcgan.py --workdir=/tmp/dcgan --phase=test
+
+Every phase resumes from the newest checkpoint in the workdir: running the
+same command again continues where it stopped; a larger --num_epochs trains
+further. Outputs in the workdir: checkpoints/, samples/*.png, steps.csv,
+metrics.jsonl, losses.png, tensorboard/ and test/.
+"""
+
+import os
+import sys
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+import jaxgan
+from jaxgan import images as images_lib
+from jaxgan.checkpoint import Checkpointer
+from jaxgan.config import DCGANConfig
+from jaxgan.data import load_mnist
+from jaxgan.data import to_device
+from jaxgan.errors import CheckpointError
+from jaxgan.errors import JaxganError
+from jaxgan.logging_utils import RunLogger
+from jaxgan.logging_utils import iter_chunks
+from jaxgan.logging_utils import plot_losses
+
+_DEFAULTS = DCGANConfig()
+
+flags.DEFINE_string('workdir', None, 'Folder for checkpoints, samples, logs.')
+flags.DEFINE_enum('phase', 'train', ['train', 'discriminator', 'test'],
+                  'train: G and D; discriminator: D alone against the trained '
+                  'G; test: generate and compare with real test digits.')
+flags.DEFINE_integer('num_epochs', 20, 'Epochs of the phase (in total, '
+                     'counting epochs already done in the workdir).',
+                     lower_bound=0)
+flags.DEFINE_integer('batch_size', _DEFAULTS.batch_size, 'Images per step.',
+                     lower_bound=1)
+flags.DEFINE_float('learning_rate', _DEFAULTS.learning_rate,
+                   'Adam learning rate of G and D.')
+flags.DEFINE_float('beta1', _DEFAULTS.beta1,
+                   "Adam's beta1 (DCGAN: 0.5; the tutorial used 0.9).")
+flags.DEFINE_integer('seed', 0, 'Seed of the run key (fixed at the first '
+                     'checkpoint; a resumed run keeps its own).')
+flags.DEFINE_string('mnist_dir', None,
+                    'Folder with the four original MNIST .gz files, to prepare '
+                    'the dataset offline (tfds manual download dir).')
+flags.DEFINE_string('data_dir', None,
+                    'tfds data dir for the prepared dataset (default: '
+                    '$TFDS_DATA_DIR or ~/tensorflow_datasets).')
+flags.DEFINE_integer('sample_every_epochs', 5,
+                     'Write a sample grid every this many epochs.',
+                     lower_bound=1)
+flags.DEFINE_integer('steps_per_epoch', None,
+                     'Cap on steps per epoch, for quick runs (default: the '
+                     'whole shuffled dataset; on resume, the saved value).',
+                     lower_bound=1)
+flags.DEFINE_integer('steps_per_call', 0,
+                     'Train steps fused into one compiled call (lax.scan). 0: '
+                     'a whole epoch on accelerators, 1 on CPU, where XLA '
+                     'compiles convolution gradients inside loops slowly.',
+                     lower_bound=0)
+flags.DEFINE_integer('keep_checkpoints', 3, 'How many checkpoints to keep.',
+                     lower_bound=1)
+flags.DEFINE_bool('generator_batch_norm', _DEFAULTS.generator_batch_norm,
+                  'BatchNorm in G. Off gives the literal tutorial model, '
+                  'which collapses.')
+flags.DEFINE_integer('num_test_samples', 1000,
+                     'Images the test phase generates.', lower_bound=1)
+flags.DEFINE_bool('progress', True, 'Show a progress bar.')
+flags.mark_flag_as_required('workdir')
+FLAGS = flags.FLAGS
+
+# Streams of the run key, fixed so a resumed run derives the same keys.
+_INIT, _TRAIN, _DISCRIMINATOR, _SAMPLES, _TEST = range(5)
+_GRID_SAMPLES = 64
+_MAX_IN_FLIGHT = 2
+
+
+def _stream(run_key: jax.Array, stream: int) -> jax.Array:
+  return jax.random.fold_in(run_key, stream)
+
+
+def _make_config(**values) -> DCGANConfig:
+  try:
+    return DCGANConfig(**values)
+  except ValueError as e:
+    raise JaxganError(f'Invalid flag value: {e}') from None
+
+
+def _flag_config() -> DCGANConfig:
+  return _make_config(
+      learning_rate=FLAGS.learning_rate, beta1=FLAGS.beta1,
+      batch_size=FLAGS.batch_size,
+      generator_batch_norm=FLAGS.generator_batch_norm)
+
+
+def _config_for_resume(saved: dict) -> DCGANConfig:
+  """The saved config, with optimiser flags given now taking precedence.
+
+  Flags that change shapes or the data order must match the checkpoint;
+  those not given on the command line take the saved values.
+  """
+  saved_config = DCGANConfig.from_dict(saved)
+  explicit = {name: getattr(FLAGS, name)
+              for name in ('learning_rate', 'beta1', 'batch_size',
+                           'generator_batch_norm') if FLAGS[name].present}
+  config = _make_config(**{**saved_config.to_dict(), **explicit})
+  mismatches = config.resume_mismatches(saved)
+  if mismatches:
+    raise CheckpointError(
+        'The checkpoint in the workdir was written with another '
+        f'configuration ({"; ".join(mismatches)}). Drop those flags to '
+        'continue it, or use a new --workdir.')
+  return config
+
+
+class Run:
+  """The state of the example on the host: workdir, config, checkpoints."""
+
+  def __init__(self, workdir: str):
+    self.workdir = os.path.abspath(os.path.expanduser(workdir))
+    try:
+      os.makedirs(self.workdir, exist_ok=True)
+      probe = os.path.join(self.workdir, '.write_test')
+      with open(probe, 'w') as f:
+        f.write('ok')
+      os.remove(probe)
+    except OSError as e:
+      raise JaxganError(
+          f'Cannot write to --workdir={workdir}: {e.strerror}. Choose a '
+          'folder you can write to.') from None
+    self.checkpointer = Checkpointer(
+        os.path.join(self.workdir, 'checkpoints'),
+        max_to_keep=FLAGS.keep_checkpoints)
+    self.logger = None
+
+  def restore_or_init(self, require: bool):
+    """Returns (config, state_g, state_d, run_key, meta)."""
+    has_checkpoint = self.checkpointer.latest_step() is not None
+    if not has_checkpoint and require:
+      raise CheckpointError(
+          f'No checkpoint in {self.checkpointer.directory}. Run '
+          f'--phase=train with this --workdir first.')
+    if has_checkpoint:
+      meta = self.checkpointer.read_meta()
+      config = _config_for_resume(meta['config'])
+    else:
+      config = _flag_config()
+      meta = {'config': config.to_dict(), 'seed': FLAGS.seed,
+              'train_epoch': 0, 'discriminator_epoch': 0,
+              'steps_per_epoch': None}
+    run_key = jax.random.key(FLAGS.seed)
+    state_g, state_d = config.create_train_states(_stream(run_key, _INIT))
+    if has_checkpoint:
+      state_g, state_d, run_key, meta = self.checkpointer.restore(
+          state_g, state_d)
+      if FLAGS['seed'].present and FLAGS.seed != meta.get('seed'):
+        print(f'warning: resuming with the checkpoint\'s seed '
+              f'{meta.get("seed")}; --seed={FLAGS.seed} is ignored.',
+              file=sys.stderr)
+      meta['config'] = config.to_dict()
+    return config, state_g, state_d, run_key, meta
+
+  def save(self, state_g, state_d, run_key, meta) -> int:
+    # Host copies: the next step donates the device buffers while orbax may
+    # still be writing in the background.
+    state_g, state_d = jax.tree.map(np.array, (state_g, state_d))
+    step = int(state_d.step)
+    self.checkpointer.save(step, state_g, state_d, run_key, meta)
+    return step
+
+  def close(self):
+    self.checkpointer.close()
+    if self.logger is not None:
+      self.logger.close()
+
+
+def _load_split(split: str):
+  start = time.time()
+  images, labels = load_mnist(split, data_dir=FLAGS.data_dir,
+                              mnist_dir=FLAGS.mnist_dir)
+  logging.info('Loaded MNIST %s: %s in %.1fs', split, images.shape,
+               time.time() - start)
+  return images, labels
+
+
+def _steps_per_epoch(num_examples: int, batch_size: int, meta: dict) -> int:
+  full = num_examples // batch_size
+  if full < 1:
+    raise JaxganError(f'--batch_size={batch_size} exceeds the dataset size '
+                      f'{num_examples}.')
+  if FLAGS.steps_per_epoch is not None:
+    return min(FLAGS.steps_per_epoch, full)
+  if meta.get('steps_per_epoch'):
+    return meta['steps_per_epoch']
+  return full
+
+
+def _steps_per_call(steps_per_epoch: int) -> int:
+  if FLAGS.steps_per_call:
+    return min(FLAGS.steps_per_call, steps_per_epoch)
+  return 1 if jax.default_backend() == 'cpu' else steps_per_epoch
+
+
+def _run_epoch(loop, first_step: int, steps_per_epoch: int, chunk: int,
+               description: str, logger: RunLogger, phase: str):
+  """Runs one epoch in fused chunks; returns its per-step metrics (host).
+
+  Calls are dispatched asynchronously; metrics are fetched once a call has
+  finished, and at most `_MAX_IN_FLIGHT` calls are queued so the progress bar
+  follows the device instead of the dispatcher.
+  """
+  pending, fetched = [], []
+  bar = tqdm(total=steps_per_epoch, desc=description, unit='step',
+             disable=not FLAGS.progress, leave=False, dynamic_ncols=True)
+
+  def drain(wait_all: bool):
+    while pending and (wait_all or len(pending) > _MAX_IN_FLIGHT or all(
+        leaf.is_ready() for leaf in jax.tree.leaves(pending[0][1]))):
+      start, metrics = pending.pop(0)
+      metrics = jax.device_get(metrics)
+      logger.log_steps(phase, start, metrics)
+      fetched.append(metrics)
+      bar.update(len(next(iter(metrics.values()))))
+      bar.set_postfix({k: f'{float(v[-1]):.3f}'
+                       for k, v in sorted(metrics.items())}, refresh=False)
+
+  done = 0
+  for size in iter_chunks(steps_per_epoch, chunk):
+    pending.append((first_step + done, loop(size, first_step + done)))
+    done += size
+    drain(wait_all=False)
+  drain(wait_all=True)
+  bar.close()
+  return {k: np.concatenate([m[k] for m in fetched]) for k in fetched[0]}
+
+
+def _save_grid(run: Run, state_g, noise, name: str, step: int) -> str:
+  picture = images_lib.image_grid(np.asarray(jaxgan.generate(state_g, noise)),
+                                  columns=8)
+  path = images_lib.save_png(
+      picture, os.path.join(run.workdir, 'samples', name), scale=2)
+  run.logger.log_image('samples', picture, step)
+  return path
+
+
+def train_phase(run: Run) -> None:
+  config, state_g, state_d, run_key, meta = run.restore_or_init(require=False)
+  images_np, _ = _load_split('train')
+  spe = _steps_per_epoch(len(images_np), config.batch_size, meta)
+  start_epoch = meta['train_epoch']
+  if start_epoch and meta.get('steps_per_epoch') not in (None, spe):
+    raise CheckpointError(
+        f'This run used {meta["steps_per_epoch"]} steps per epoch; '
+        f'--steps_per_epoch={FLAGS.steps_per_epoch} would change its data '
+        'order. Drop the flag to continue it, or use a new --workdir.')
+  meta['steps_per_epoch'] = spe
+  run.logger = RunLogger(run.workdir)
+  run.logger.forget_after('train', start_epoch * spe, start_epoch)
+  if start_epoch >= FLAGS.num_epochs:
+    print(f'Already trained {start_epoch} epochs in {run.workdir}; raise '
+          f'--num_epochs to train more.')
+    return
+
+  images = to_device(images_np)
+  del images_np
+  loop_key = _stream(run_key, _TRAIN)
+  noise = jaxgan.sample_noise(_stream(run_key, _SAMPLES), _GRID_SAMPLES,
+                              config.noise_dim)
+  chunk = _steps_per_call(spe)
+  loss = config.gan_loss()
+  if start_epoch == 0:
+    _save_grid(run, state_g, noise, 'epoch_000.png', 0)
+  print(f'Training epochs {start_epoch + 1}..{FLAGS.num_epochs} '
+        f'({spe} steps of {config.batch_size} images each, {chunk} per call) '
+        f'on {jax.devices()[0].platform.upper()}; workdir {run.workdir}')
+
+  def loop(size, first_step):
+    nonlocal state_g, state_d
+    del first_step  # train_loop continues at state_g.step.
+    state_g, state_d, metrics = jaxgan.train_loop(
+        state_g, state_d, images, loop_key, num_steps=size,
+        batch_size=config.batch_size, steps_per_epoch=spe, loss=loss)
+    return metrics
+
+  start_time = time.time()
+  for epoch in range(start_epoch, FLAGS.num_epochs):
+    epoch_start = time.time()
+    metrics = _run_epoch(loop, epoch * spe, spe, chunk,
+                         f'epoch {epoch + 1}/{FLAGS.num_epochs}', run.logger,
+                         'train')
+    seconds = time.time() - epoch_start
+    record = {'phase': 'train', 'epoch': epoch + 1, 'step': (epoch + 1) * spe,
+              **{k: float(np.mean(v)) for k, v in sorted(metrics.items())},
+              'steps_per_sec': spe / seconds, 'seconds': seconds}
+    done = epoch + 1
+    if done % FLAGS.sample_every_epochs == 0 or done == FLAGS.num_epochs:
+      _save_grid(run, state_g, noise, f'epoch_{done:03d}.png', done * spe)
+    meta['train_epoch'] = done
+    run.save(state_g, state_d, run_key, meta)
+    run.logger.log_epoch(record)
+    plot_losses(run.logger.read_steps('train'),
+                os.path.join(run.workdir, 'losses.png'), 'DCGAN on MNIST')
+    tqdm.write(f'epoch {done:3d}: d_loss {record["d_loss"]:.4f}  g_loss '
+               f'{record["g_loss"]:.4f}  D(x) {record["d_real"]:.3f}  '
+               f'D(G(z)) {record["d_fake"]:.3f}  '
+               f'{record["steps_per_sec"]:.1f} steps/s')
+  run.checkpointer.wait_until_finished()
+  print(f'Done: {FLAGS.num_epochs} epochs, {FLAGS.num_epochs * spe} steps in '
+        f'{time.time() - start_time:.0f}s; final d_loss {record["d_loss"]:.4f}'
+        f', g_loss {record["g_loss"]:.4f}, D(x) {record["d_real"]:.3f}, '
+        f'D(G(z)) {record["d_fake"]:.3f}. Samples in '
+        f'{os.path.join(run.workdir, "samples")}, checkpoint '
+        f'{run.checkpointer.latest_step()}.')
+
+
+def discriminator_phase(run: Run) -> None:
+  config, state_g, state_d, run_key, meta = run.restore_or_init(require=True)
+  images_np, _ = _load_split('train')
+  spe = _steps_per_epoch(len(images_np), config.batch_size, meta)
+  start_epoch = meta.get('discriminator_epoch', 0)
+  if start_epoch and meta.get('discriminator_steps_per_epoch') != spe:
+    raise CheckpointError(
+        f'The discriminator phase in this workdir used '
+        f'{meta.get("discriminator_steps_per_epoch")} steps per epoch; pass '
+        'the same --steps_per_epoch to continue it.')
+  meta['discriminator_steps_per_epoch'] = spe
+  run.logger = RunLogger(run.workdir)
+  run.logger.forget_after('discriminator', start_epoch * spe, start_epoch)
+  if start_epoch >= FLAGS.num_epochs:
+    print(f'The discriminator already trained {start_epoch} epochs alone in '
+          f'{run.workdir}; raise --num_epochs to train it more.')
+    return
+  images = to_device(images_np)
+  del images_np
+  loop_key = _stream(run_key, _DISCRIMINATOR)
+  chunk = _steps_per_call(spe)
+  loss = config.gan_loss()
+  print(f'Training the discriminator alone, epochs {start_epoch + 1}..'
+        f'{FLAGS.num_epochs} ({spe} steps each); the generator is frozen.')
+
+  def loop(size, first_step):
+    nonlocal state_d
+    state_d, metrics = jaxgan.discriminator_loop(
+        state_g, state_d, images, loop_key, jnp.int32(first_step),
+        num_steps=size, batch_size=config.batch_size, steps_per_epoch=spe,
+        loss=loss)
+    return metrics
+
+  for epoch in range(start_epoch, FLAGS.num_epochs):
+    epoch_start = time.time()
+    metrics = _run_epoch(loop, epoch * spe, spe, chunk,
+                         f'D epoch {epoch + 1}/{FLAGS.num_epochs}', run.logger,
+                         'discriminator')
+    seconds = time.time() - epoch_start
+    record = {'phase': 'discriminator', 'epoch': epoch + 1,
+              'step': (epoch + 1) * spe,
+              **{k: float(np.mean(v)) for k, v in sorted(metrics.items())},
+              'steps_per_sec': spe / seconds, 'seconds': seconds}
+    meta['discriminator_epoch'] = epoch + 1
+    run.save(state_g, state_d, run_key, meta)
+    run.logger.log_epoch(record)
+    tqdm.write(f'D epoch {epoch + 1:3d}: d_loss {record["d_loss"]:.4f}  '
+               f'D(x) {record["d_real"]:.3f}  D(G(z)) {record["d_fake"]:.3f}')
+  run.checkpointer.wait_until_finished()
+  print(f'Done: the discriminator trained {FLAGS.num_epochs} epochs alone; '
+        f'final d_loss {record["d_loss"]:.4f}, D(x) {record["d_real"]:.3f}, '
+        f'D(G(z)) {record["d_fake"]:.3f}. Checkpoint '
+        f'{run.checkpointer.latest_step()}.')
+
+
+def _image_statistics(images: np.ndarray, probabilities: np.ndarray) -> dict:
+  """Summary numbers of a set of images in [-1, 1], `[N, 28, 28, 1]`."""
+  pixels = (images.reshape(len(images), -1) + 1.0) / 2.0
+  # Mean distance between different images: low when samples collapse.
+  squared = np.sum(pixels ** 2, axis=1)
+  distances = np.sqrt(np.maximum(
+      squared[:, None] + squared[None, :] - 2.0 * pixels @ pixels.T, 0.0))
+  num = len(images)
+  return {
+      'count': num,
+      'pixel_mean': float(pixels.mean()),
+      'pixel_std': float(pixels.std()),
+      'ink_fraction': float((pixels > 0.5).mean()),
+      'mean_pairwise_distance': float(distances.sum() / (num * (num - 1))),
+      'discriminator_mean_probability': float(probabilities.mean()),
+  }
+
+
+def test_phase(run: Run) -> None:
+  import json  # pylint: disable=g-import-not-at-top
+  config, state_g, state_d, run_key, meta = run.restore_or_init(require=True)
+  del config
+  test_images, _ = _load_split('test')
+  num = FLAGS.num_test_samples
+  generated = np.asarray(jaxgan.sample(state_g, _stream(run_key, _TEST), num))
+  real = jaxgan.to_float_images(test_images[:num])
+  real = np.asarray(real)
+  summary = {
+      'checkpoint_step': run.checkpointer.latest_step(),
+      'train_epochs': meta.get('train_epoch'),
+      'discriminator_epochs': meta.get('discriminator_epoch'),
+      'generated': _image_statistics(
+          generated, np.asarray(jaxgan.discriminate(state_d, generated))),
+      'real_test': _image_statistics(
+          real, np.asarray(jaxgan.discriminate(state_d, real))),
+  }
+  out_dir = os.path.join(run.workdir, 'test')
+  os.makedirs(out_dir, exist_ok=True)
+  shown = min(100, num)
+  picture = images_lib.side_by_side(
+      images_lib.image_grid(generated[:shown], columns=10),
+      images_lib.image_grid(real[:shown], columns=10), gap=16)
+  png = images_lib.save_png(
+      picture, os.path.join(out_dir, 'generated_vs_real.png'), scale=2)
+  with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=2)
+  print(f'Test: {num} generated images vs {len(real)} real test images '
+        f'(checkpoint {summary["checkpoint_step"]}, '
+        f'{summary["train_epochs"]} train epochs, '
+        f'{summary["discriminator_epochs"]} D-only epochs)')
+  print(f'{"":32s}{"generated":>12s}{"real test":>12s}')
+  for name in ('pixel_mean', 'pixel_std', 'ink_fraction',
+               'mean_pairwise_distance', 'discriminator_mean_probability'):
+    print(f'{name:32s}{summary["generated"][name]:12.4f}'
+          f'{summary["real_test"][name]:12.4f}')
+  print(f'Side by side (generated left, real right): {png}')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  # tfds and orbax log routine notices as warnings; problems reach the user
+  # as JaxganError messages instead.
+  logging.set_verbosity(logging.ERROR)
+  run = None
+  try:
+    run = Run(FLAGS.workdir)
+    {'train': train_phase, 'discriminator': discriminator_phase,
+     'test': test_phase}[FLAGS.phase](run)
+  except JaxganError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  finally:
+    if run is not None:
+      run.close()
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,28 @@
+"""jaxgan: GANs in JAX and Flax."""
+
+from jaxgan.losses import GANLoss
+from jaxgan.losses import NON_SATURATING
+from jaxgan.losses import available_losses
+from jaxgan.losses import get_loss
+from jaxgan.losses import non_saturating_discriminator_loss
+from jaxgan.losses import non_saturating_generator_loss
+from jaxgan.models import Discriminator
+from jaxgan.models import Generator
+from jaxgan.models import IMAGE_SHAPE
+from jaxgan.train import DiscriminatorState
+from jaxgan.train import GeneratorState
+from jaxgan.train import adam
+from jaxgan.train import create_train_states
+from jaxgan.train import discriminate
+from jaxgan.train import discriminator_loop
+from jaxgan.train import discriminator_step
+from jaxgan.train import epoch_permutation
+from jaxgan.train import generate
+from jaxgan.train import loop_keys
+from jaxgan.train import sample
+from jaxgan.train import sample_noise
+from jaxgan.train import to_float_images
+from jaxgan.train import train_loop
+from jaxgan.train import train_step
+
+__version__ = '0.1.0'

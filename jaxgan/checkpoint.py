@@ -1,0 +1,160 @@
+"""Checkpoints of a GAN run with orbax: both train states, the key, metadata.
+
+Each checkpoint is a step folder written by `orbax.checkpoint`: it is built
+under a temporary name and renamed when complete, so an interrupted save never
+replaces the previous checkpoint, and restore only ever sees finished ones.
+"""
+
+import os
+from typing import Any
+
+import flax.serialization
+import jax
+import orbax.checkpoint as ocp
+
+from jaxgan.errors import CheckpointError
+from jaxgan.train import DiscriminatorState
+from jaxgan.train import GeneratorState
+
+_ITEMS = ('state_g', 'state_d', 'key', 'meta')
+
+
+def _abstract(tree: Any) -> Any:
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpointer:
+  """Saves and restores `(state_g, state_d, key, meta)` in one directory.
+
+  Example:
+    >>> ckpt = Checkpointer(f'{workdir}/checkpoints', max_to_keep=3)
+    >>> ckpt.save(step, state_g, state_d, run_key, {'epoch': 1})
+    >>> state_g, state_d, run_key, meta = ckpt.restore(state_g, state_d)
+    >>> ckpt.close()
+  """
+
+  def __init__(self, directory: str, max_to_keep: int = 3,
+               async_save: bool = True):
+    """Opens (and creates) a checkpoint directory.
+
+    Args:
+      directory: where the step folders live.
+      max_to_keep: how many of the latest checkpoints to keep (at least 1).
+      async_save: write to disk in the background; `save` returns once the
+        arrays are copied off the device, so the states can be donated.
+    """
+    if max_to_keep < 1:
+      raise ValueError(f'max_to_keep must be at least 1, got {max_to_keep}.')
+    self.directory = os.path.abspath(os.path.expanduser(directory))
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True,
+            enable_async_checkpointing=async_save),
+        item_names=_ITEMS)
+
+  def latest_step(self) -> int | None:
+    """The step of the newest complete checkpoint, or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """Steps of all complete checkpoints, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state_g: GeneratorState,
+           state_d: DiscriminatorState, key: jax.Array,
+           meta: dict[str, Any]) -> None:
+    """Saves a checkpoint (in the background when `async_save`).
+
+    Args:
+      step: a number that grows with every save (e.g. D's update count).
+      state_g: generator state.
+      state_d: discriminator state.
+      key: the run's PRNG key (a typed key array).
+      meta: JSON-serialisable metadata: counters, config.
+    """
+    self._manager.save(step, args=ocp.args.Composite(
+        state_g=ocp.args.StandardSave(flax.serialization.to_state_dict(state_g)),
+        state_d=ocp.args.StandardSave(flax.serialization.to_state_dict(state_d)),
+        key=ocp.args.StandardSave({'data': jax.random.key_data(key)}),
+        meta=ocp.args.JsonSave({**meta, 'key_impl': str(
+            jax.random.key_impl(key))})))
+
+  def read_meta(self, step: int | None = None) -> dict[str, Any]:
+    """Reads only the metadata of a checkpoint (the latest if None).
+
+    Raises:
+      CheckpointError: no checkpoint exists or its metadata is unreadable.
+    """
+    if step is None:
+      step = self.latest_step()
+    if step is None:
+      raise CheckpointError(f'No checkpoint in {self.directory}.')
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises several types for unreadable files.
+      raise CheckpointError(
+          f'Cannot read the metadata of checkpoint {step} in '
+          f'{self.directory}: {type(e).__name__}: {e}') from e
+    meta = dict(restored['meta'])
+    meta.pop('key_impl', None)
+    return meta
+
+  def restore(self, state_g: GeneratorState, state_d: DiscriminatorState,
+              step: int | None = None
+              ) -> tuple[GeneratorState, DiscriminatorState, jax.Array,
+                         dict[str, Any]]:
+    """Restores a checkpoint into states shaped like the given ones.
+
+    Args:
+      state_g: a generator state of the same model and optimiser (e.g. a fresh
+        one from `create_train_states`); gives structure, shapes and dtypes.
+      state_d: likewise for the discriminator.
+      step: which checkpoint; the latest if None.
+
+    Returns:
+      `(state_g, state_d, key, meta)`.
+
+    Raises:
+      CheckpointError: no checkpoint exists, or it does not fit the states
+        (another model size or optimiser).
+    """
+    if step is None:
+      step = self.latest_step()
+    if step is None:
+      raise CheckpointError(f'No checkpoint in {self.directory}.')
+    template_g = flax.serialization.to_state_dict(state_g)
+    template_d = flax.serialization.to_state_dict(state_d)
+    key_template = {'data': jax.random.key_data(jax.random.key(0))}
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state_g=ocp.args.StandardRestore(_abstract(template_g)),
+          state_d=ocp.args.StandardRestore(_abstract(template_d)),
+          key=ocp.args.StandardRestore(_abstract(key_template)),
+          meta=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(
+          f'Checkpoint {step} in {self.directory} does not fit this model '
+          f'and optimiser ({type(e).__name__}: {e}). Use the config it was '
+          f'written with, or another workdir.') from e
+    meta = dict(restored['meta'])
+    key = jax.random.wrap_key_data(restored['key']['data'],
+                                   impl=meta.pop('key_impl', None))
+    return (flax.serialization.from_state_dict(state_g, restored['state_g']),
+            flax.serialization.from_state_dict(state_d, restored['state_d']),
+            key, meta)
+
+  def wait_until_finished(self) -> None:
+    """Blocks until background saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Finishes pending saves and releases the manager."""
+    self._manager.close()
+
+  def __enter__(self) -> 'Checkpointer':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -1,0 +1,174 @@
+"""Run logs: per-step CSV, per-epoch JSON lines, TensorBoard events, plots.
+
+All writers live on the host and take already-fetched numbers; nothing here
+touches the compiled step.
+"""
+
+import csv
+import json
+import os
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+STEP_COLUMNS = ('phase', 'step', 'd_loss', 'g_loss', 'd_real', 'd_fake')
+
+
+def truncate_log(path: str, keep) -> None:
+  """Rewrites a CSV or JSON-lines log keeping only rows where `keep(row)`.
+
+  Used on resume, so rows written after the restored checkpoint are not
+  duplicated when those steps run again.
+  """
+  if not os.path.isfile(path):
+    return
+  if path.endswith('.csv'):
+    with open(path, newline='') as f:
+      rows = list(csv.DictReader(f))
+    kept = [r for r in rows if keep(r)]
+    if len(kept) == len(rows):
+      return
+    _atomic_write(path, lambda f: _write_csv(f, kept))
+  else:
+    with open(path) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    kept = [r for r in rows if keep(r)]
+    if len(kept) == len(rows):
+      return
+    _atomic_write(path, lambda f: f.writelines(
+        json.dumps(r) + '\n' for r in kept))
+
+
+def _write_csv(f, rows) -> None:
+  writer = csv.DictWriter(f, fieldnames=STEP_COLUMNS)
+  writer.writeheader()
+  writer.writerows(rows)
+
+
+def _atomic_write(path: str, write) -> None:
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w', newline='') as f:
+    write(f)
+  os.replace(tmp, path)
+
+
+class RunLogger:
+  """Writes a run's numbers to `steps.csv`, `metrics.jsonl` and TensorBoard.
+
+  Args:
+    workdir: the run's folder.
+    enabled: False makes every method a no-op (for non-writing processes).
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.workdir = workdir
+    self.enabled = enabled
+    self.steps_path = os.path.join(workdir, 'steps.csv')
+    self.metrics_path = os.path.join(workdir, 'metrics.jsonl')
+    self._tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def forget_after(self, phase: str, step: int, epoch: int) -> None:
+    """Drops logged rows of `phase` past `step` / `epoch` (see truncate_log)."""
+    if not self.enabled:
+      return
+    truncate_log(self.steps_path, lambda r: r['phase'] != phase or int(
+        r['step']) <= step)
+    truncate_log(self.metrics_path, lambda r: r['phase'] != phase or int(
+        r['epoch']) <= epoch)
+
+  def log_steps(self, phase: str, first_step: int,
+                metrics: Mapping[str, np.ndarray]) -> None:
+    """Logs per-step metrics `[K]` of steps first_step+1 .. first_step+K."""
+    if not self.enabled:
+      return
+    num = len(next(iter(metrics.values())))
+    new_file = not os.path.isfile(self.steps_path)
+    with open(self.steps_path, 'a', newline='') as f:
+      writer = csv.DictWriter(f, fieldnames=STEP_COLUMNS)
+      if new_file:
+        writer.writeheader()
+      for i in range(num):
+        step = first_step + i + 1
+        row = {'phase': phase, 'step': step}
+        for name, values in metrics.items():
+          row[name] = f'{float(values[i]):.6g}'
+          self._tb.add_scalar(f'{phase}/{name}', float(values[i]), step)
+        writer.writerow(row)
+
+  def log_epoch(self, record: dict[str, Any]) -> None:
+    """Appends one JSON line and the record's numbers to TensorBoard."""
+    if not self.enabled:
+      return
+    with open(self.metrics_path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    for name, value in record.items():
+      if isinstance(value, (int, float)) and name not in ('epoch', 'step'):
+        self._tb.add_scalar(f'{record["phase"]}_epoch/{name}', value,
+                            record['epoch'])
+    self._tb.flush()
+
+  def log_image(self, tag: str, picture: np.ndarray, step: int) -> None:
+    """Adds a uint8 `[H, W, C]` picture to TensorBoard."""
+    if self.enabled:
+      self._tb.add_image(tag, picture, step, dataformats='HWC')
+
+  def read_steps(self, phase: str) -> dict[str, np.ndarray]:
+    """All logged per-step metrics of a phase, as arrays."""
+    if not os.path.isfile(self.steps_path):
+      return {}
+    with open(self.steps_path, newline='') as f:
+      rows = [r for r in csv.DictReader(f) if r['phase'] == phase]
+    return {name: np.array([float(r[name]) if r[name] else np.nan
+                            for r in rows])
+            for name in STEP_COLUMNS[1:]}
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def plot_losses(steps: Mapping[str, np.ndarray], path: str,
+                title: str = '') -> str | None:
+  """Plots per-step losses and D's outputs to a PNG; None if no data."""
+  if not steps or not len(steps.get('step', ())):
+    return None
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  def smooth(values: np.ndarray) -> np.ndarray:
+    window = max(1, len(values) // 100)
+    return np.convolve(values, np.ones(window) / window, mode='valid')
+
+  fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+  for name, axis in (('d_loss', top), ('g_loss', top), ('d_real', bottom),
+                     ('d_fake', bottom)):
+    values = steps.get(name)
+    if values is None or np.all(np.isnan(values)):
+      continue
+    smoothed = smooth(values)
+    axis.plot(steps['step'][len(steps['step']) - len(smoothed):], smoothed,
+              label=name)
+  top.set_ylabel('loss')
+  bottom.set_ylabel('mean D output')
+  bottom.set_xlabel('step')
+  bottom.set_ylim(0, 1)
+  for axis in (top, bottom):
+    axis.legend(loc='upper right')
+    axis.grid(alpha=0.3)
+  if title:
+    top.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def iter_chunks(total: int, size: int) -> Iterable[int]:
+  """Sizes of consecutive chunks covering `total` with at most `size` each."""
+  while total > 0:
+    yield min(size, total)
+    total -= size

@@ -1,0 +1,129 @@
+"""DCGAN generator and discriminator for 28x28 single-channel images.
+
+Both modules are plain `flax.linen` modules used as pure functions: parameters
+and BatchNorm statistics live in the train states, never in the module.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+IMAGE_SHAPE = (28, 28, 1)
+
+
+class Generator(nn.Module):
+  """Maps noise `z` in [-1, 1]^noise_dim to images in [-1, 1].
+
+  Layers: Dense(hidden) -> Dense(7*7*base_channels) -> reshape [B, 7, 7, C]
+  -> ConvTranspose(conv_channels, 5x5, stride 2) -> ConvTranspose(1, 5x5,
+  stride 2) -> tanh, with leaky ReLU between layers. With `batch_norm=True`
+  (the default) a BatchNorm follows each Dense layer and the first
+  ConvTranspose; without it the generator is the tutorial's literal model,
+  which collapses to a single blurred digit within the first epoch.
+
+  Attributes:
+    noise_dim: size of the noise vector `z`.
+    hidden_dim: width of the first Dense layer.
+    base_channels: channels of the 7x7 feature map.
+    conv_channels: channels of the 14x14 feature map.
+    batch_norm: whether to normalise hidden activations (see above).
+    leaky_slope: negative slope of the leaky ReLUs.
+    bn_momentum: decay of BatchNorm's running averages.
+    dtype: computation dtype; parameters stay float32.
+  """
+
+  noise_dim: int = 100
+  hidden_dim: int = 128
+  base_channels: int = 128
+  conv_channels: int = 64
+  batch_norm: bool = True
+  leaky_slope: float = 0.2
+  bn_momentum: float = 0.9
+  dtype: Any = jnp.float32
+
+  def _normalize(self, x: jax.Array, train: bool) -> jax.Array:
+    if not self.batch_norm:
+      return x
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=self.bn_momentum,
+        dtype=self.dtype)(x)
+
+  @nn.compact
+  def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
+    """Generates images.
+
+    Args:
+      z: noise, `[B, noise_dim]`.
+      train: use batch statistics (and return updated running averages
+        when `batch_stats` is mutable) instead of the running averages.
+
+    Returns:
+      Images `[B, 28, 28, 1]` in [-1, 1], float32.
+    """
+    if z.ndim != 2 or z.shape[-1] != self.noise_dim:
+      raise ValueError(
+          f'Generator expects noise of shape [B, {self.noise_dim}], got '
+          f'{z.shape}; sample it with jaxgan.sample_noise.')
+    act = lambda x: nn.leaky_relu(x, self.leaky_slope)
+    x = nn.Dense(self.hidden_dim, dtype=self.dtype)(z)
+    x = act(self._normalize(x, train))
+    x = nn.Dense(7 * 7 * self.base_channels, dtype=self.dtype)(x)
+    x = act(self._normalize(x, train))
+    x = x.reshape(x.shape[0], 7, 7, self.base_channels)
+    x = nn.ConvTranspose(self.conv_channels, (5, 5), strides=(2, 2),
+                         padding='SAME', dtype=self.dtype)(x)
+    x = act(self._normalize(x, train))
+    x = nn.ConvTranspose(IMAGE_SHAPE[-1], (5, 5), strides=(2, 2),
+                         padding='SAME', dtype=self.dtype)(x)
+    return jnp.tanh(x).astype(jnp.float32)
+
+
+class Discriminator(nn.Module):
+  """Maps images in [-1, 1] to one real-vs-fake logit each.
+
+  Layers: Conv(channels_1, 5x5, stride 2) -> leaky ReLU -> Conv(channels_2,
+  5x5, stride 2) -> BatchNorm -> leaky ReLU -> flatten -> Dense(1).
+
+  Attributes:
+    channels_1: channels of the first convolution.
+    channels_2: channels of the second convolution.
+    leaky_slope: negative slope of the leaky ReLUs.
+    bn_momentum: decay of BatchNorm's running averages.
+    dtype: computation dtype; parameters stay float32.
+  """
+
+  channels_1: int = 64
+  channels_2: int = 128
+  leaky_slope: float = 0.2
+  bn_momentum: float = 0.9
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """Scores images.
+
+    Args:
+      images: `[B, H, W, C]` float images in [-1, 1].
+      train: normalise with batch statistics (updating the running averages
+        when `batch_stats` is mutable) instead of the running averages.
+
+    Returns:
+      Logits `[B]`, float32; the probability of "real" is their sigmoid.
+    """
+    if images.ndim != 4:
+      raise ValueError(
+          f'Discriminator expects images of shape [B, H, W, C], got '
+          f'{images.shape}; add the channel axis with images[..., None].')
+    x = images.astype(self.dtype)
+    x = nn.Conv(self.channels_1, (5, 5), strides=(2, 2), padding='SAME',
+                dtype=self.dtype)(x)
+    x = nn.leaky_relu(x, self.leaky_slope)
+    x = nn.Conv(self.channels_2, (5, 5), strides=(2, 2), padding='SAME',
+                dtype=self.dtype)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                     dtype=self.dtype)(x)
+    x = nn.leaky_relu(x, self.leaky_slope)
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(1, dtype=self.dtype)(x)[:, 0].astype(jnp.float32)

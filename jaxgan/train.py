@@ -1,0 +1,480 @@
+"""Train states, the GAN train step, the discriminator-only step, fused loops.
+
+Everything here is a pure function of explicit states, data and PRNG keys.
+The public steps are jitted once at module level with the states donated:
+the states passed in are consumed, so keep a copy (`jax.tree.map(jnp.copy,
+state)`) if you need them again.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from flax.training import train_state
+
+from jaxgan import losses as losses_lib
+from jaxgan.models import IMAGE_SHAPE
+
+Metrics = dict[str, jax.Array]
+
+
+class GeneratorState(train_state.TrainState):
+  """Generator parameters, optimiser state, step and BatchNorm statistics.
+
+  Attributes:
+    batch_stats: BatchNorm running averages (an empty dict without BatchNorm).
+    noise_dim: size of the noise vector the generator takes (static).
+  """
+
+  batch_stats: Any = None
+  noise_dim: int = struct.field(pytree_node=False, default=100)
+
+
+class DiscriminatorState(train_state.TrainState):
+  """Discriminator parameters, optimiser state, step and BatchNorm statistics.
+
+  Attributes:
+    batch_stats: BatchNorm running averages, updated only by training steps.
+    image_shape: `(H, W, C)` of the images it scores (static).
+  """
+
+  batch_stats: Any = None
+  image_shape: tuple[int, ...] = struct.field(
+      pytree_node=False, default=IMAGE_SHAPE)
+
+
+def adam(learning_rate: float = 2e-4, beta1: float = 0.5,
+         beta2: float = 0.999) -> optax.GradientTransformation:
+  """Adam with DCGAN's defaults (the tutorial used beta1 = 0.9)."""
+  return optax.adam(learning_rate, b1=beta1, b2=beta2)
+
+
+def create_train_states(
+    key: jax.Array,
+    generator: nn.Module,
+    discriminator: nn.Module,
+    optimizer_g: optax.GradientTransformation,
+    optimizer_d: optax.GradientTransformation,
+    image_shape: tuple[int, int, int] = IMAGE_SHAPE,
+) -> tuple[GeneratorState, DiscriminatorState]:
+  """Initialises both networks and their optimisers.
+
+  Args:
+    key: a PRNG key; split once for the two networks.
+    generator: a module mapping `[B, noise_dim]` to `[B, *image_shape]`, with
+      a `noise_dim` attribute and a `train` argument.
+    discriminator: a module mapping `[B, *image_shape]` to logits `[B]`, with
+      a `train` argument.
+    optimizer_g: the generator's optimiser.
+    optimizer_d: the discriminator's optimiser.
+    image_shape: `(H, W, C)` of real and generated images.
+
+  Returns:
+    `(state_g, state_d)`, with steps at 0.
+  """
+  key_g, key_d = jax.random.split(key)
+  noise_dim = int(generator.noise_dim)
+
+  @jax.jit
+  def init(key_g, key_d):
+    vars_g = generator.init(key_g, jnp.zeros((1, noise_dim)), train=False)
+    vars_d = discriminator.init(
+        key_d, jnp.zeros((1, *image_shape)), train=False)
+    return vars_g, vars_d
+
+  vars_g, vars_d = init(key_g, key_d)
+  generated = jax.eval_shape(
+      lambda v: generator.apply(v, jnp.zeros((1, noise_dim))), vars_g)
+  if generated.shape[1:] != tuple(image_shape):
+    raise ValueError(
+        f'The generator makes images of shape {generated.shape[1:]} but '
+        f'image_shape is {tuple(image_shape)}; they must agree.')
+  # An int32 array (not the Python int 0 that TrainState.create uses) so the
+  # first and later calls of a jitted step see the same input types; one per
+  # state, since a buffer cannot be donated twice.
+  zero = lambda: jnp.zeros((), jnp.int32)
+  state_g = GeneratorState.create(
+      apply_fn=generator.apply, params=vars_g['params'], tx=optimizer_g,
+      batch_stats=vars_g.get('batch_stats', {}), noise_dim=noise_dim
+  ).replace(step=zero())
+  state_d = DiscriminatorState.create(
+      apply_fn=discriminator.apply, params=vars_d['params'], tx=optimizer_d,
+      batch_stats=vars_d.get('batch_stats', {}),
+      image_shape=tuple(image_shape)).replace(step=zero())
+  return state_g, state_d
+
+
+def sample_noise(key: jax.Array, num: int, noise_dim: int) -> jax.Array:
+  """Draws generator noise `z ~ U(-1, 1)^noise_dim`.
+
+  Args:
+    key: a PRNG key.
+    num: number of noise vectors.
+    noise_dim: their size.
+
+  Returns:
+    `[num, noise_dim]` float32.
+  """
+  return jax.random.uniform(key, (num, noise_dim), jnp.float32, -1.0, 1.0)
+
+
+def to_float_images(images: jax.typing.ArrayLike,
+                    image_shape: tuple[int, ...] = IMAGE_SHAPE) -> jax.Array:
+  """Checks a batch of images and returns it as float32 in [-1, 1].
+
+  Args:
+    images: `[B, H, W, C]`; uint8 in [0, 255] (rescaled here) or floating
+      point already in [-1, 1] (passed through).
+    image_shape: the expected `(H, W, C)`.
+
+  Returns:
+    `[B, H, W, C]` float32 in [-1, 1].
+
+  Raises:
+    ValueError: for a wrong rank, shape or dtype. Checked at trace time, so
+      it costs nothing inside a compiled step.
+  """
+  images = jnp.asarray(images)
+  if images.ndim != 4 or tuple(images.shape[1:]) != tuple(image_shape):
+    raise ValueError(
+        f'Expected a batch of images of shape [B, {", ".join(map(str, image_shape))}]'
+        f', got {tuple(images.shape)}. MNIST rows of 784 pixels must be '
+        f'reshaped with images.reshape(-1, 28, 28, 1).')
+  if images.dtype == jnp.uint8:
+    return images.astype(jnp.float32) / 127.5 - 1.0
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(
+        f'Expected uint8 images in [0, 255] or float images in [-1, 1], got '
+        f'dtype {images.dtype}.')
+  return images.astype(jnp.float32)
+
+
+def _generator_vars(state_g: GeneratorState, params=None) -> dict:
+  return {'params': state_g.params if params is None else params,
+          'batch_stats': state_g.batch_stats}
+
+
+def _discriminator_update(state_d, real, fake, loss):
+  """One optimiser step of D on a real and a generated batch."""
+
+  def loss_fn(params):
+    # Real and fake go through D separately, as in the tutorial and DCGAN, so
+    # each is normalised with its own batch statistics.
+    logits_real, updates = state_d.apply_fn(
+        {'params': params, 'batch_stats': state_d.batch_stats}, real,
+        train=True, mutable=['batch_stats'])
+    logits_fake, updates = state_d.apply_fn(
+        {'params': params, 'batch_stats': updates['batch_stats']}, fake,
+        train=True, mutable=['batch_stats'])
+    return (loss.discriminator(logits_real, logits_fake),
+            (updates['batch_stats'], logits_real, logits_fake))
+
+  (d_loss, (batch_stats, logits_real, logits_fake)), grads = (
+      jax.value_and_grad(loss_fn, has_aux=True)(state_d.params))
+  state_d = state_d.apply_gradients(grads=grads, batch_stats=batch_stats)
+  metrics = {
+      'd_loss': d_loss,
+      'd_real': jnp.mean(jax.nn.sigmoid(logits_real)),
+      'd_fake': jnp.mean(jax.nn.sigmoid(logits_fake)),
+  }
+  return state_d, metrics
+
+
+def _train_step(state_g: GeneratorState, state_d: DiscriminatorState,
+                batch: jax.Array, key: jax.Array,
+                loss: losses_lib.GANLoss = losses_lib.NON_SATURATING):
+  real = to_float_images(batch, state_d.image_shape)
+  z = sample_noise(key, real.shape[0], state_g.noise_dim)
+
+  def generate(params):
+    fake, updates = state_g.apply_fn(
+        _generator_vars(state_g, params), z, train=True,
+        mutable=['batch_stats'])
+    return fake, updates.get('batch_stats', {})
+
+  # One forward pass of G serves both updates: its output feeds D's update,
+  # and its VJP turns dLoss_G/dfake into G's parameter gradients afterwards.
+  fake, generator_vjp, batch_stats_g = jax.vjp(
+      generate, state_g.params, has_aux=True)
+
+  state_d, metrics = _discriminator_update(state_d, real, fake, loss)
+
+  def generator_loss(fake):
+    # D runs in training mode, as during its own update, but this pass only
+    # serves G's gradient: D's running averages are left as they are.
+    logits_fake, _ = state_d.apply_fn(
+        {'params': state_d.params, 'batch_stats': state_d.batch_stats}, fake,
+        train=True, mutable=['batch_stats'])
+    return loss.generator(logits_fake)
+
+  g_loss, grad_fake = jax.value_and_grad(generator_loss)(fake)
+  (grads_g,) = generator_vjp(grad_fake)
+  state_g = state_g.apply_gradients(grads=grads_g, batch_stats=batch_stats_g)
+  metrics['g_loss'] = g_loss
+  return state_g, state_d, metrics
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1), static_argnames=('loss',))
+def train_step(state_g: GeneratorState, state_d: DiscriminatorState,
+               batch: jax.Array, key: jax.Array,
+               loss: losses_lib.GANLoss = losses_lib.NON_SATURATING
+               ) -> tuple[GeneratorState, DiscriminatorState, Metrics]:
+  """One discriminator update, then one generator update, on one batch.
+
+  Order, as in the tutorial: (1) draw `z ~ U(-1, 1)` from `key` and generate
+  `G(z)` with G in training mode (its BatchNorm statistics are updated once
+  per step); (2) update D on the real batch and `G(z)`, each passed through
+  D separately in training mode; (3) update G on the same `G(z)` against the
+  already updated D. Both states' `step` increase by one.
+
+  Jitted with both states donated; `loss` is static. Same inputs and key
+  give bit-identical outputs.
+
+  Args:
+    state_g: generator state (consumed).
+    state_d: discriminator state (consumed).
+    batch: real images `[B, 28, 28, 1]`, uint8 in [0, 255] or float in
+      [-1, 1].
+    key: PRNG key for this step, e.g. `jax.random.fold_in(run_key, step)`.
+    loss: the GAN loss pair.
+
+  Returns:
+    `(state_g, state_d, metrics)`; metrics are device scalars: `d_loss`,
+    `g_loss`, `d_real` (mean D(x)) and `d_fake` (mean D(G(z)) before D's
+    update).
+  """
+  return _train_step(state_g, state_d, batch, key, loss)
+
+
+def _discriminator_step(state_g, state_d, batch, key,
+                        loss=losses_lib.NON_SATURATING):
+  real = to_float_images(batch, state_d.image_shape)
+  z = sample_noise(key, real.shape[0], state_g.noise_dim)
+  fake = state_g.apply_fn(_generator_vars(state_g), z, train=False)
+  return _discriminator_update(state_d, real, fake, loss)
+
+
+@functools.partial(jax.jit, donate_argnums=(1,), static_argnames=('loss',))
+def discriminator_step(state_g: GeneratorState, state_d: DiscriminatorState,
+                       batch: jax.Array, key: jax.Array,
+                       loss: losses_lib.GANLoss = losses_lib.NON_SATURATING
+                       ) -> tuple[DiscriminatorState, Metrics]:
+  """One discriminator update against a frozen generator (phase two).
+
+  G runs in evaluation mode (running BatchNorm averages) and is not changed.
+
+  Args:
+    state_g: generator state (read only, not donated).
+    state_d: discriminator state (consumed).
+    batch: real images, as for `train_step`.
+    key: PRNG key for the generator noise.
+    loss: the GAN loss pair; only its discriminator half is used.
+
+  Returns:
+    `(state_d, metrics)` with `d_loss`, `d_real`, `d_fake`.
+  """
+  return _discriminator_step(state_g, state_d, batch, key, loss)
+
+
+def epoch_permutation(key: jax.Array, epoch: jax.typing.ArrayLike,
+                      num_examples: int) -> jax.Array:
+  """The order in which epoch `epoch` visits the dataset.
+
+  Args:
+    key: the shuffle key of the run.
+    epoch: epoch index (may be traced).
+    num_examples: dataset size `N`.
+
+  Returns:
+    A permutation of `arange(N)`, `[N]` int32.
+  """
+  return jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+
+
+def loop_keys(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Splits a loop key into `(shuffle_key, step_key)`.
+
+  The fused loops shuffle epoch `e` with `epoch_permutation(shuffle_key, e,
+  N)` and give step `s` the key `jax.random.fold_in(step_key, s)`, so any
+  step's data and randomness depend only on `key` and `s`.
+  """
+  shuffle_key, step_key = jax.random.split(key)
+  return shuffle_key, step_key
+
+
+def _scan_steps(step_fn, carry, images, key, first_step, num_steps,
+                batch_size, steps_per_epoch, unroll):
+  """Runs `step_fn` for steps first_step .. first_step + num_steps - 1."""
+  num_examples = images.shape[0]
+  if steps_per_epoch is None:
+    steps_per_epoch = num_examples // batch_size
+  if not 1 <= steps_per_epoch <= num_examples // batch_size:
+    raise ValueError(
+        f'steps_per_epoch must be in [1, {num_examples // batch_size}] for '
+        f'{num_examples} images in batches of {batch_size}, got '
+        f'{steps_per_epoch}.')
+  shuffle_key, step_key = loop_keys(key)
+  first_step = jnp.asarray(first_step, jnp.int32)
+  first_epoch = first_step // steps_per_epoch
+  # Every epoch this call can touch, shuffled once up front: a static bound
+  # keeps shapes fixed and avoids a conditional inside the loop.
+  num_epochs_touched = -(-(num_steps - 1) // steps_per_epoch) + 1
+  permutations = jax.vmap(
+      lambda e: epoch_permutation(shuffle_key, e, num_examples))(
+          first_epoch + jnp.arange(num_epochs_touched))
+
+  def body(carry, offset):
+    step = first_step + offset
+    epoch, position = jnp.divmod(step, steps_per_epoch)
+    indices = jax.lax.dynamic_slice_in_dim(
+        permutations[epoch - first_epoch], position * batch_size, batch_size)
+    batch = jnp.take(images, indices, axis=0)
+    return step_fn(carry, batch, jax.random.fold_in(step_key, step))
+
+  if num_steps == 1:
+    # jax keeps a one-trip while loop even when fully unrolled, and XLA:CPU
+    # compiles convolution gradients inside loop bodies several times slower.
+    carry, metrics = body(carry, jnp.zeros((), jnp.int32))
+    return carry, jax.tree.map(lambda m: m[None], metrics)
+  return jax.lax.scan(body, carry, jnp.arange(num_steps, dtype=jnp.int32),
+                      unroll=unroll)
+
+
+@functools.partial(
+    jax.jit, donate_argnums=(0, 1),
+    static_argnames=('num_steps', 'batch_size', 'steps_per_epoch', 'loss',
+                     'unroll'))
+def train_loop(state_g: GeneratorState, state_d: DiscriminatorState,
+               images: jax.Array, key: jax.Array, *, num_steps: int,
+               batch_size: int, steps_per_epoch: int | None = None,
+               loss: losses_lib.GANLoss = losses_lib.NON_SATURATING,
+               unroll: int | bool = 1,
+               ) -> tuple[GeneratorState, DiscriminatorState, Metrics]:
+  """Runs `num_steps` train steps in one compiled call (`lax.scan`).
+
+  The dataset stays on the device; batches are gathered by index. The run
+  continues at step `s = state_g.step`: step `s` belongs to epoch
+  `s // steps_per_epoch` and takes that epoch's batch number
+  `s % steps_per_epoch`. See `loop_keys` for the keys, so the result equals
+  calling `train_step` on the same batches with the same keys.
+
+  Args:
+    state_g: generator state (consumed).
+    state_d: discriminator state (consumed).
+    images: the whole dataset, `[N, 28, 28, 1]` uint8 (or float in [-1, 1]),
+      ideally already on the device.
+    key: the loop key of the run; constant across calls.
+    num_steps: steps in this call (static).
+    batch_size: images per step (static).
+    steps_per_epoch: batches per epoch, at most `N // batch_size` (the
+      default): the remainder of each shuffled epoch is dropped.
+    loss: the GAN loss pair (static).
+    unroll: `lax.scan`'s unroll (static). XLA:CPU compiles convolution
+      gradients inside loop bodies several times slower than outside them,
+      so on CPU prefer `num_steps=1`, which compiles without a loop.
+
+  Returns:
+    `(state_g, state_d, metrics)`, metrics stacked per step: `[num_steps]`.
+  """
+
+  def step_fn(carry, batch, step_key):
+    state_g, state_d = carry
+    state_g, state_d, metrics = _train_step(
+        state_g, state_d, batch, step_key, loss)
+    return (state_g, state_d), metrics
+
+  (state_g, state_d), metrics = _scan_steps(
+      step_fn, (state_g, state_d), images, key, state_g.step, num_steps,
+      batch_size, steps_per_epoch, unroll)
+  return state_g, state_d, metrics
+
+
+@functools.partial(
+    jax.jit, donate_argnums=(1,),
+    static_argnames=('num_steps', 'batch_size', 'steps_per_epoch', 'loss',
+                     'unroll'))
+def discriminator_loop(state_g: GeneratorState, state_d: DiscriminatorState,
+                       images: jax.Array, key: jax.Array,
+                       first_step: jax.typing.ArrayLike, *, num_steps: int,
+                       batch_size: int, steps_per_epoch: int | None = None,
+                       loss: losses_lib.GANLoss = losses_lib.NON_SATURATING,
+                       unroll: int | bool = 1,
+                       ) -> tuple[DiscriminatorState, Metrics]:
+  """Runs `num_steps` discriminator-only steps in one compiled call.
+
+  Same data order and keys as `train_loop`, counted from `first_step` (the
+  step within the discriminator phase, traced: changing it does not
+  recompile).
+
+  Args:
+    state_g: generator state (read only).
+    state_d: discriminator state (consumed).
+    images: the whole dataset, as for `train_loop`.
+    key: the loop key of the phase.
+    first_step: index of the first step of this call within the phase.
+    num_steps: steps in this call (static).
+    batch_size: images per step (static).
+    steps_per_epoch: batches per epoch (static), as for `train_loop`.
+    loss: the GAN loss pair (static).
+    unroll: `lax.scan`'s unroll (static), as for `train_loop`.
+
+  Returns:
+    `(state_d, metrics)`, metrics stacked per step: `[num_steps]`.
+  """
+
+  def step_fn(state_d, batch, step_key):
+    return _discriminator_step(state_g, state_d, batch, step_key, loss)
+
+  return _scan_steps(step_fn, state_d, images, key, first_step, num_steps,
+                     batch_size, steps_per_epoch, unroll)
+
+
+@functools.partial(jax.jit, static_argnames=('num',))
+def sample(state_g: GeneratorState, key: jax.Array, num: int) -> jax.Array:
+  """Generates `num` images with G in evaluation mode.
+
+  Args:
+    state_g: generator state (not modified).
+    key: PRNG key for the noise.
+    num: number of images (static).
+
+  Returns:
+    `[num, 28, 28, 1]` float32 in [-1, 1].
+  """
+  return generate(state_g, sample_noise(key, num, state_g.noise_dim))
+
+
+@jax.jit
+def generate(state_g: GeneratorState, noise: jax.Array) -> jax.Array:
+  """Generates images from given noise with G in evaluation mode.
+
+  Args:
+    state_g: generator state (not modified).
+    noise: `[B, noise_dim]`.
+
+  Returns:
+    `[B, 28, 28, 1]` float32 in [-1, 1].
+  """
+  return state_g.apply_fn(_generator_vars(state_g), noise, train=False)
+
+
+@jax.jit
+def discriminate(state_d: DiscriminatorState, images: jax.Array) -> jax.Array:
+  """D's probability that each image is real, in evaluation mode.
+
+  Args:
+    state_d: discriminator state (not modified).
+    images: `[B, 28, 28, 1]`, uint8 or float in [-1, 1].
+
+  Returns:
+    `[B]` float32 probabilities.
+  """
+  images = to_float_images(images, state_d.image_shape)
+  logits = state_d.apply_fn(
+      {'params': state_d.params, 'batch_stats': state_d.batch_stats}, images,
+      train=False)
+  return jax.nn.sigmoid(logits)
