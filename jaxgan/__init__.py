@@ -1,5 +1,15 @@
 """jaxgan: GANs in JAX and Flax."""
 
+from jaxgan import data
+from jaxgan import images
+from jaxgan.checkpoint import Checkpointer
+from jaxgan.config import DCGANConfig
+from jaxgan.data import load_mnist
+from jaxgan.data import prepare_mnist
+from jaxgan.errors import CheckpointError
+from jaxgan.errors import DataError
+from jaxgan.errors import JaxganError
+
 from jaxgan.losses import GANLoss
 from jaxgan.losses import NON_SATURATING
 from jaxgan.losses import available_losses

@@ -1,0 +1,71 @@
+"""Shared fixtures: small models and states, and the real MNIST prepared once."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import jaxgan
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MNIST_DIR = os.environ.get(
+    'JAXGAN_MNIST_DIR', os.path.join(REPO, '..', 'shared', 'datasets', 'mnist'))
+
+
+def make_states(seed: int = 0, optimizer=None, **generator_fields):
+  """Fresh default-model states; each call builds new, undonated buffers."""
+  optimizer = optimizer or jaxgan.adam()
+  return jaxgan.create_train_states(
+      jax.random.key(seed), jaxgan.Generator(**generator_fields),
+      jaxgan.Discriminator(), optimizer, optimizer)
+
+
+def copy_tree(tree):
+  """A copy whose buffers survive donation of the original."""
+  return jax.tree.map(jnp.copy, tree)
+
+
+def leaves_equal(a, b) -> bool:
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(leaves_a) == len(leaves_b) and all(
+      bool(jnp.array_equal(x, y)) for x, y in zip(leaves_a, leaves_b))
+
+
+@pytest.fixture(scope='session')
+def states():
+  """A pristine (state_g, state_d); tests must copy before donating."""
+  return make_states()
+
+
+@pytest.fixture(scope='session')
+def sgd_states():
+  """States with plain SGD (lr 1), whose updates are exactly the gradients.
+
+  Adam turns the float noise of gradients that are zero in exact arithmetic
+  (biases in front of BatchNorm) into full-size updates, so comparisons of
+  two computations of the same step use these.
+  """
+  return make_states(optimizer=optax.sgd(1.0))
+
+
+@pytest.fixture(scope='session')
+def real_batch():
+  return jax.random.uniform(jax.random.key(42), (64, 28, 28, 1),
+                            minval=-1.0, maxval=1.0)
+
+
+@pytest.fixture(scope='session')
+def mnist_data_dir(tmp_path_factory):
+  """A tfds data dir with MNIST prepared offline from the original files."""
+  files_present = all(os.path.isfile(os.path.join(MNIST_DIR, f))
+                      for f in jaxgan.data.MNIST_FILES)
+  if not files_present:
+    if os.environ.get('JAXGAN_REQUIRE_MNIST'):
+      pytest.fail(f'JAXGAN_REQUIRE_MNIST is set but {MNIST_DIR} lacks the '
+                  'MNIST files.')
+    pytest.skip(f'no MNIST files in {MNIST_DIR} (set JAXGAN_MNIST_DIR)')
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  jaxgan.data.prepare_mnist(data_dir, MNIST_DIR)
+  return data_dir

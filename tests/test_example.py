@@ -1,0 +1,154 @@
+"""End to end: examples/mnist_dcgan.py on real MNIST, all three phases."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import jaxgan
+from conftest import REPO, leaves_equal
+
+EXAMPLE = os.path.join(REPO, 'examples', 'mnist_dcgan.py')
+
+
+def _run(*flags, check=True, prelude=''):
+  """Runs the example in a fresh interpreter; returns the finished process."""
+  argv = [EXAMPLE, *flags, '--noprogress']
+  code = (f'{prelude}\nimport runpy, sys\nsys.argv = {argv!r}\n'
+          f'runpy.run_path({EXAMPLE!r}, run_name="__main__")')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                          text=True, timeout=600, cwd=REPO)
+  if check and result.returncode != 0:
+    raise AssertionError(f'example failed ({result.returncode}):\n'
+                         f'{result.stdout}\n{result.stderr}')
+  return result
+
+
+def _jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def _restore(workdir, step):
+  config = jaxgan.DCGANConfig()
+  with jaxgan.Checkpointer(os.path.join(workdir, 'checkpoints')) as ckpt:
+    return ckpt.restore(*config.create_train_states(jax.random.key(0)), step)
+
+
+@pytest.mark.slow
+def test_three_phases_and_resume(tmp_path, mnist_data_dir):
+  workdir = str(tmp_path / 'run')
+  common = [f'--workdir={workdir}', f'--data_dir={mnist_data_dir}',
+            '--steps_per_epoch=3']
+
+  first = _run(*common, '--num_epochs=1')
+  assert 'Training epochs 1..1' in first.stdout
+  assert 'Done: 1 epochs, 3 steps' in first.stdout
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['3']
+  samples = sorted(os.listdir(os.path.join(workdir, 'samples')))
+  assert samples == ['epoch_000.png', 'epoch_001.png']
+  grid = Image.open(os.path.join(workdir, 'samples', 'epoch_001.png'))
+  assert grid.size == (2 * (8 * 30 + 2), 2 * (8 * 30 + 2))
+  records = _jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  assert [r['epoch'] for r in records] == [1]
+  assert set(records[0]) >= {'d_loss', 'g_loss', 'd_real', 'd_fake'}
+  with open(os.path.join(workdir, 'steps.csv')) as f:
+    assert len(f.readlines()) == 1 + 3
+  assert any(name.startswith('events.out.tfevents')
+             for name in os.listdir(os.path.join(workdir, 'tensorboard')))
+  assert os.path.isfile(os.path.join(workdir, 'losses.png'))
+
+  # The same command with more epochs resumes instead of starting over.
+  second = _run(*common, '--num_epochs=2')
+  assert 'Training epochs 2..2' in second.stdout
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
+  records = _jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  assert [r['epoch'] for r in records] == [1, 2]
+  assert records[0] == _jsonl(os.path.join(workdir, 'metrics.jsonl'))[0]
+  g_trained, d_trained, key_trained, meta = _restore(workdir, 6)
+  assert int(g_trained.step) == 6 and meta['train_epoch'] == 2
+
+  # Phase two trains D alone; G stays as trained.
+  third = _run(f'--workdir={workdir}', f'--data_dir={mnist_data_dir}',
+               '--phase=discriminator', '--num_epochs=1')
+  assert 'generator is frozen' in third.stdout
+  g_after, d_after, key_after, meta = _restore(workdir, 9)
+  assert leaves_equal(g_after, g_trained)
+  assert not leaves_equal(d_after.params, d_trained.params)
+  assert int(d_after.step) == 9 and meta['discriminator_epoch'] == 1
+  np.testing.assert_array_equal(jax.random.key_data(key_after),
+                                jax.random.key_data(key_trained))
+  records = _jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  assert [r['phase'] for r in records] == ['train', 'train', 'discriminator']
+
+  # Phase three: 1000 generated images against real test digits.
+  fourth = _run(f'--workdir={workdir}', f'--data_dir={mnist_data_dir}',
+                '--phase=test')
+  assert 'discriminator_mean_probability' in fourth.stdout
+  with open(os.path.join(workdir, 'test', 'summary.json')) as f:
+    summary = json.load(f)
+  assert summary['checkpoint_step'] == 9
+  assert summary['generated']['count'] == 1000
+  assert summary['real_test']['count'] == 1000
+  # Real test digits: ~13% bright pixels, spread-out images.
+  assert 0.1 < summary['real_test']['ink_fraction'] < 0.2
+  assert summary['real_test']['mean_pairwise_distance'] > 5
+  picture = Image.open(os.path.join(workdir, 'test', 'generated_vs_real.png'))
+  assert picture.size[0] > 2 * picture.size[1] - 40
+
+  # Training again to the same epoch count has nothing left to do.
+  again = _run(*common, '--num_epochs=2')
+  assert 'Already trained 2 epochs' in again.stdout
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_different_model(tmp_path, mnist_data_dir):
+  workdir = str(tmp_path / 'run')
+  _run(f'--workdir={workdir}', f'--data_dir={mnist_data_dir}',
+       '--steps_per_epoch=1', '--num_epochs=1')
+  result = _run(f'--workdir={workdir}', f'--data_dir={mnist_data_dir}',
+                '--batch_size=32', '--num_epochs=2', check=False)
+  assert result.returncode == 2
+  assert 'batch_size: checkpoint has 64, now 32' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['1']
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--phase=test'], 'No checkpoint'),
+    (['--phase=discriminator'], 'Run --phase=train'),
+    (['--phase=evaluate'], '<train|discriminator|test>'),
+    (['--num_epochs=-1'], 'num_epochs'),
+    (['--learning_rate=3'], 'learning_rate must be in'),
+])
+def test_bad_invocations_give_one_clear_message(tmp_path, flags, message):
+  result = _run(f'--workdir={tmp_path}', *flags, check=False)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a folder')
+  result = _run(f'--workdir={blocker}/run', check=False)
+  assert result.returncode == 2
+  assert 'Cannot write to --workdir' in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def test_offline_without_mnist_gives_advice_quickly(tmp_path):
+  offline = ('import socket\n'
+             'def refuse(*a, **k):\n'
+             '  raise OSError("network is unreachable")\n'
+             'socket.create_connection = refuse')
+  result = _run(f'--workdir={tmp_path}/run', f'--data_dir={tmp_path}/tfds',
+                check=False, prelude=offline)
+  assert result.returncode == 2
+  assert '--mnist_dir=DIR' in result.stderr
+  assert 'Traceback' not in result.stderr

@@ -1,0 +1,101 @@
+"""Generator and Discriminator: shapes, ranges, dtypes and BatchNorm modes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxgan
+
+
+def _init(module, x):
+  return module.init(jax.random.key(0), x, train=False)
+
+
+def test_generator_shape_range_and_dtype():
+  generator = jaxgan.Generator()
+  z = jaxgan.sample_noise(jax.random.key(1), 16, 100)
+  variables = _init(generator, z)
+  images = generator.apply(variables, z)
+  assert images.shape == (16, 28, 28, 1)
+  assert images.dtype == jnp.float32
+  assert float(images.min()) >= -1.0 and float(images.max()) <= 1.0
+  # Different noise gives different images.
+  assert float(jnp.abs(images[0] - images[1]).max()) > 1e-4
+
+
+def test_noise_is_uniform_in_unit_box():
+  z = jaxgan.sample_noise(jax.random.key(0), 4096, 100)
+  assert z.shape == (4096, 100)
+  assert float(z.min()) >= -1.0 and float(z.max()) <= 1.0
+  np.testing.assert_allclose(float(z.mean()), 0.0, atol=0.01)
+  np.testing.assert_allclose(float(z.var()), 1.0 / 3.0, rtol=0.02)
+
+
+@pytest.mark.parametrize('fields', [
+    dict(noise_dim=16, hidden_dim=32, base_channels=8, conv_channels=4),
+    dict(batch_norm=False),
+])
+def test_generator_fields_change_the_model(fields):
+  generator = jaxgan.Generator(**fields)
+  z = jnp.zeros((2, generator.noise_dim))
+  variables = _init(generator, z)
+  assert generator.apply(variables, z).shape == (2, 28, 28, 1)
+  if not generator.batch_norm:
+    assert 'batch_stats' not in variables
+  kernel = variables['params']['Dense_0']['kernel']
+  assert kernel.shape == (generator.noise_dim, generator.hidden_dim)
+
+
+def test_generator_rejects_wrong_noise_shape():
+  generator = jaxgan.Generator()
+  variables = _init(generator, jnp.zeros((1, 100)))
+  with pytest.raises(ValueError, match=r'\[B, 100\]'):
+    generator.apply(variables, jnp.zeros((1, 99)))
+
+
+def test_discriminator_gives_one_logit_per_image():
+  discriminator = jaxgan.Discriminator(channels_1=8, channels_2=16)
+  images = jax.random.uniform(jax.random.key(0), (5, 28, 28, 1), minval=-1)
+  variables = _init(discriminator, images)
+  logits = discriminator.apply(variables, images)
+  assert logits.shape == (5,) and logits.dtype == jnp.float32
+  assert variables['params']['Conv_0']['kernel'].shape == (5, 5, 1, 8)
+  with pytest.raises(ValueError, match='channel axis'):
+    discriminator.apply(variables, images[..., 0])
+
+
+def test_bfloat16_computation_keeps_float32_params_and_outputs():
+  generator = jaxgan.Generator(dtype=jnp.bfloat16)
+  z = jnp.ones((2, 100)) * 0.5
+  variables = _init(generator, z)
+  assert variables['params']['Dense_0']['kernel'].dtype == jnp.float32
+  images = generator.apply(variables, z)
+  assert images.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(images)))
+  reference = jaxgan.Generator().apply(variables, z)
+  np.testing.assert_allclose(images, reference, atol=0.1)
+
+
+def test_discriminator_batchnorm_train_and_eval_modes():
+  discriminator = jaxgan.Discriminator()
+  images = jax.random.uniform(jax.random.key(0), (8, 28, 28, 1), minval=-1)
+  variables = _init(discriminator, images)
+  stats = variables['batch_stats']
+
+  # Training mode updates the running averages...
+  logits_train, updates = discriminator.apply(
+      variables, images, train=True, mutable=['batch_stats'])
+  assert not jnp.array_equal(updates['batch_stats']['BatchNorm_0']['mean'],
+                             stats['BatchNorm_0']['mean'])
+  # ...and normalises with the batch's own statistics, so an image's logit
+  # depends on the rest of the batch.
+  other, _ = discriminator.apply(
+      variables, jnp.concatenate([images[:4], -images[4:]]), train=True,
+      mutable=['batch_stats'])
+  assert float(jnp.abs(other[:4] - logits_train[:4]).max()) > 1e-5
+
+  # Evaluation mode uses the running averages: per-image, batch-independent.
+  eval_full = discriminator.apply(variables, images, train=False)
+  eval_half = discriminator.apply(variables, images[:4], train=False)
+  np.testing.assert_allclose(eval_full[:4], eval_half, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(eval_full, logits_train)
