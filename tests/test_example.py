@@ -152,3 +152,21 @@ def test_offline_without_mnist_gives_advice_quickly(tmp_path):
   assert result.returncode == 2
   assert '--mnist_dir=DIR' in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.slow
+def test_readme_library_example_runs(tmp_path, mnist_data_dir):
+  """The README's `import jaxgan` example, shortened to three steps."""
+  import re  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(REPO, 'README.md')) as f:
+    code = re.findall(r'```python\n(.*?)```', f.read(), re.S)[0]
+  assert 'for step in range(100):' in code
+  code = code.replace('for step in range(100):', 'for step in range(3):')
+  code += '\nassert samples.shape == (16, 28, 28, 1)\nassert int(state_g.step) == 3\n'
+  script = tmp_path / 'readme_example.py'
+  script.write_text(code)
+  result = subprocess.run(
+      [sys.executable, str(script)], capture_output=True, text=True,
+      timeout=600, cwd=REPO, env={**os.environ, 'TFDS_DATA_DIR': mnist_data_dir})
+  assert result.returncode == 0, result.stderr
+  assert "'d_loss'" in result.stdout

@@ -1,0 +1,115 @@
+"""jaxgan.layers against flax.linen: same parameters, outputs and gradients."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgan import layers
+
+CASES = [
+    # kernel, stride, padding, input shape, features
+    (5, 2, 'SAME', (4, 7, 7, 8), 6),      # the generator's first layer, small
+    (5, 2, 'SAME', (3, 14, 14, 4), 1),    # the generator's last layer, small
+    (3, 1, 'SAME', (2, 9, 9, 3), 5),
+    (4, 2, 'VALID', (2, 9, 8, 3), 5),
+    (3, 3, 'SAME', (2, 10, 10, 2), 4),
+    (2, 2, 'SAME', (2, 5, 5, 3), 4),
+    (5, 2, ((1, 3), (2, 2)), (2, 7, 6, 3), 4),
+    (1, 2, 'VALID', (2, 6, 6, 3), 2),
+]
+
+
+def _compare(reference, candidate, shape):
+  x = jax.random.normal(jax.random.key(0), shape)
+  params = reference.init(jax.random.key(1), x)
+  # Same names, shapes and initial values: checkpoints are interchangeable.
+  candidate_params = candidate.init(jax.random.key(1), x)
+  assert jax.tree.structure(params) == jax.tree.structure(candidate_params)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(candidate_params)):
+    np.testing.assert_array_equal(a, b)
+
+  out = reference.apply(params, x)
+  cotangent = jax.random.normal(jax.random.key(2), out.shape)
+
+  def grads(module):
+    return jax.grad(lambda p, x: jnp.sum(module.apply(p, x) * cotangent),
+                    argnums=(0, 1))(params, x)
+
+  np.testing.assert_allclose(candidate.apply(params, x), out, rtol=1e-5,
+                             atol=1e-5)
+  (ref_params, ref_x), (got_params, got_x) = grads(reference), grads(candidate)
+  np.testing.assert_allclose(got_x, ref_x, rtol=1e-5, atol=1e-5)
+  for name in ('kernel', 'bias'):
+    want = ref_params['params'][name]
+    got = got_params['params'][name]
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got / scale, want / scale, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize('kernel, stride, padding, shape, features', CASES)
+def test_conv_transpose_matches_flax(kernel, stride, padding, shape, features):
+  _compare(nn.ConvTranspose(features, (kernel, kernel), (stride, stride),
+                            padding=padding),
+           layers.ConvTranspose(features, (kernel, kernel), (stride, stride),
+                                padding=padding), shape)
+
+
+@pytest.mark.parametrize('kernel, stride, padding, shape, features', CASES)
+def test_conv_matches_flax(kernel, stride, padding, shape, features):
+  _compare(nn.Conv(features, (kernel, kernel), (stride, stride),
+                   padding=padding),
+           layers.Conv(features, (kernel, kernel), (stride, stride),
+                       padding=padding), shape)
+
+
+def test_non_square_kernels_and_strides():
+  _compare(nn.ConvTranspose(3, (3, 5), (1, 2), padding='SAME'),
+           layers.ConvTranspose(3, (3, 5), (1, 2), padding='SAME'),
+           (2, 6, 5, 2))
+  _compare(nn.Conv(3, (5, 3), (2, 1), padding='SAME'),
+           layers.Conv(3, (5, 3), (2, 1), padding='SAME'), (2, 9, 7, 2))
+
+
+@pytest.mark.parametrize('make', [
+    lambda cls: cls(3, (3, 3), (2, 2)),
+])
+@pytest.mark.parametrize('pair', [(nn.Conv, layers.Conv),
+                                  (nn.ConvTranspose, layers.ConvTranspose)])
+def test_gradient_penalty_style_second_order_gradients(make, pair):
+  """Penalties like R1 differentiate an input gradient w.r.t. the parameters."""
+  reference, candidate = (make(cls) for cls in pair)
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 2))
+  params = reference.init(jax.random.key(1), x)
+
+  def penalty_grad(module):
+    def penalty(p):
+      grad_x = jax.grad(lambda x: jnp.sum(jnp.tanh(module.apply(p, x))))(x)
+      return jnp.sum(grad_x ** 2)
+    return jax.grad(penalty)(params)['params']['kernel']
+
+  want = penalty_grad(reference)
+  np.testing.assert_allclose(penalty_grad(candidate), want, rtol=1e-4,
+                             atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def test_bfloat16_inputs():
+  layer = layers.ConvTranspose(4, (5, 5), (2, 2), dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(0), (2, 7, 7, 3))
+  params = layer.init(jax.random.key(1), x)
+  grads = jax.grad(lambda p: jnp.sum(layer.apply(p, x).astype(jnp.float32)))(
+      params)
+  assert grads['params']['kernel'].dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(grads['params']['kernel'])))
+  reference = jax.grad(lambda p: jnp.sum(layers.ConvTranspose(
+      4, (5, 5), (2, 2)).apply(p, x)))(params)
+  np.testing.assert_allclose(grads['params']['kernel'],
+                             reference['params']['kernel'], rtol=0.05,
+                             atol=0.5)
+
+
+def test_invalid_padding_is_named():
+  with pytest.raises(ValueError, match='padding'):
+    layers.Conv(2, (3, 3), padding='FULL').init(jax.random.key(0),
+                                                jnp.ones((1, 4, 4, 1)))
