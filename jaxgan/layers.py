@@ -59,8 +59,7 @@ def _dilated_conv_kernel_grad(x, grad, kernel_shape, lhs_dilation, padding):
   for size_x, size_y, k, d, (lo, _) in zip(
       x.shape[1:3], grad.shape[1:3], (kh, kw), lhs_dilation, padding):
     before = k - 1 - lo
-    after = d * (size_x - 1) + k - size_y - before
-    pads.append((before, after))
+    pads.append((before, d * (size_x - 1) + k - size_y - before))
   # lax.pad crops for negative widths, which patches' padding would not.
   grad = lax.pad(grad, jnp.zeros((), grad.dtype),
                  [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])

@@ -99,3 +99,29 @@ def test_discriminator_batchnorm_train_and_eval_modes():
   eval_half = discriminator.apply(variables, images[:4], train=False)
   np.testing.assert_allclose(eval_full[:4], eval_half, rtol=1e-5, atol=1e-6)
   assert not np.allclose(eval_full, logits_train)
+
+
+def test_kernel_gradient_implementations_agree():
+  """'matmul' and 'xla' convolutions: same parameters, outputs, gradients."""
+  z = jaxgan.sample_noise(jax.random.key(0), 4, 100)
+  images = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1), minval=-1)
+  for make, x in ((jaxgan.Generator, z), (jaxgan.Discriminator, images)):
+    fast, plain = make(conv_kernel_grad='matmul'), make(conv_kernel_grad='xla')
+    variables = _init(fast, x)
+    for a, b in zip(jax.tree.leaves(variables),
+                    jax.tree.leaves(_init(plain, x))):
+      np.testing.assert_array_equal(a, b)
+
+    def grads(module):
+      return jax.grad(lambda p: jnp.sum(module.apply(
+          {**variables, 'params': p}, x, train=True,
+          mutable=['batch_stats'])[0] ** 2))(variables['params'])
+
+    np.testing.assert_allclose(fast.apply(variables, x),
+                               plain.apply(variables, x), atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads(fast)),
+                    jax.tree.leaves(grads(plain))):
+      np.testing.assert_allclose(a, b, rtol=1e-4,
+                                 atol=1e-5 * float(jnp.max(jnp.abs(b))) + 1e-7)
+  with pytest.raises(ValueError, match='conv_kernel_grad'):
+    _init(jaxgan.Generator(conv_kernel_grad='fast'), z)

@@ -176,7 +176,7 @@ def _dataset(num=200):
 @pytest.fixture(scope='module')
 def loop_states():
   """Plain SGD for comparing many steps: see conftest.sgd_states."""
-  return make_states(optimizer=optax.sgd(0.05))
+  return make_states(optimizer=optax.sgd(0.01))
 
 
 @pytest.mark.parametrize('num_steps', [1, 5])

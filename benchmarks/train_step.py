@@ -1,0 +1,250 @@
+r"""Steps/sec of jaxgan's DCGAN train step: one call per step, and fused.
+
+For each batch size: compile time (measured apart), then several timed trials
+of (a) `jaxgan.train_step`, one call per step on batches gathered from a
+device-resident dataset, and (b) `jaxgan.train_loop`, K steps per compiled
+call. Warm-up is excluded, every timing ends in `block_until_ready`, and the
+median and spread of the trials are reported. FLOPs per step come from the
+compiled step's cost analysis and from an analytic count of the layers; model
+FLOP utilisation is given against the device's peak where it is known.
+
+  python benchmarks/train_step.py --batch_sizes=64,256,1024 --json=/tmp/bench.json
+  python benchmarks/train_step.py --data=both --mnist_dir=../shared/datasets/mnist
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxgan
+
+# Dense peak FLOP/s for float32 work as XLA runs it by default (TF32 tensor
+# cores on NVIDIA GPUs, bfloat16 passes on TPUs); None where unknown.
+PEAK_FLOPS = (
+    ('H200', 494.7e12),
+    ('H100', 494.7e12),
+    ('A100', 156e12),
+    ('TPU v5 lite', 197e12),
+    ('TPU v5e', 197e12),
+    ('TPU v4', 275e12),
+)
+
+
+def peak_flops(device_kind: str) -> float | None:
+  for name, flops in PEAK_FLOPS:
+    if name.lower() in device_kind.lower():
+      return flops
+  return None
+
+
+def analytic_flops_per_step(config: jaxgan.DCGANConfig,
+                            batch_size: int) -> float:
+  """Multiply-adds x 2 of one train step, counting only non-zero products.
+
+  Per image: G forward once (its output serves both updates) and backward
+  (2x forward: input and kernel gradients); D forward and backward on the real
+  and the generated batch for D's update (2 x 3x forward); D forward and
+  input-only backward on the generated batch for G's update (2x forward).
+  """
+  def dense(n_in, n_out):
+    return 2 * n_in * n_out
+
+  def conv(h_out, w_out, k, c_in, c_out):
+    return 2 * h_out * w_out * k * k * c_in * c_out
+
+  c = config
+  generator = (dense(c.noise_dim, c.generator_hidden_dim)
+               + dense(c.generator_hidden_dim, 7 * 7 * c.generator_base_channels)
+               # A transposed conv does k*k products per input pixel.
+               + conv(7, 7, 5, c.generator_base_channels,
+                      c.generator_conv_channels)
+               + conv(14, 14, 5, c.generator_conv_channels, 1))
+  discriminator = (conv(14, 14, 5, 1, c.discriminator_channels_1)
+                   + conv(7, 7, 5, c.discriminator_channels_1,
+                          c.discriminator_channels_2)
+                   + dense(7 * 7 * c.discriminator_channels_2, 1))
+  return batch_size * (3 * generator + 6 * discriminator + 2 * discriminator)
+
+
+def compiled_flops(compiled) -> float | None:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  if not analysis or 'flops' not in analysis:
+    return None
+  return float(analysis['flops'])
+
+
+def _trials(run, trials: int) -> list[float]:
+  times = []
+  for _ in range(trials):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def _summary(times: list[float], steps: int, batch_size: int) -> dict:
+  rates = sorted(steps / t for t in times)
+  median = statistics.median(rates)
+  return {'steps_per_sec': median, 'images_per_sec': median * batch_size,
+          'steps_per_sec_min': rates[0], 'steps_per_sec_max': rates[-1],
+          'trials': len(times)}
+
+
+def benchmark(images: jax.Array, batch_size: int, steps: int, fused_steps: int,
+              trials: int, device) -> dict:
+  config = jaxgan.DCGANConfig(batch_size=batch_size)
+  num_batches = len(images) // batch_size
+  if num_batches < 1:
+    raise SystemExit(f'batch size {batch_size} exceeds the dataset '
+                     f'({len(images)} images)')
+  state_g, state_d = jax.device_put(
+      config.create_train_states(jax.random.key(0)), device)
+  keys = [jax.random.fold_in(jax.random.key(1), i) for i in range(steps)]
+  batches = [images[(i % num_batches) * batch_size:
+                    (i % num_batches + 1) * batch_size] for i in range(steps)]
+
+  start = time.perf_counter()
+  compiled = jaxgan.train_step.lower(state_g, state_d, batches[0],
+                                     keys[0]).compile()
+  compile_step = time.perf_counter() - start
+  flops_xla = compiled_flops(compiled)
+
+  state = {'g': state_g, 'd': state_d}
+
+  def run_steps():
+    g, d = state['g'], state['d']
+    for batch, key in zip(batches, keys):
+      g, d, metrics = jaxgan.train_step(g, d, batch, key)
+    jax.block_until_ready(metrics)
+    state['g'], state['d'] = g, d
+
+  run_steps()  # Warm-up (and the first, compiling, call).
+  step_times = _trials(run_steps, trials)
+
+  loop_key = jax.random.key(2)
+  start = time.perf_counter()
+  jaxgan.train_loop.lower(
+      state['g'], state['d'], images, loop_key, num_steps=fused_steps,
+      batch_size=batch_size).compile()
+  compile_loop = time.perf_counter() - start
+
+  def run_loop():
+    g, d, metrics = jaxgan.train_loop(
+        state['g'], state['d'], images, loop_key, num_steps=fused_steps,
+        batch_size=batch_size)
+    jax.block_until_ready(metrics)
+    state['g'], state['d'] = g, d
+
+  run_loop()
+  loop_times = _trials(run_loop, trials)
+
+  flops = analytic_flops_per_step(config, batch_size)
+  result = {
+      'batch_size': batch_size,
+      'compile_seconds_step': compile_step,
+      'compile_seconds_loop': compile_loop,
+      'flops_per_step_analytic': flops,
+      'flops_per_step_xla': flops_xla,
+      'step': _summary(step_times, steps, batch_size),
+      'fused': {**_summary(loop_times, fused_steps, batch_size),
+                'steps_per_call': fused_steps},
+  }
+  peak = peak_flops(device.device_kind)
+  for mode in ('step', 'fused'):
+    result[mode]['mfu'] = (flops * result[mode]['steps_per_sec'] / peak
+                           if peak else None)
+  return result
+
+
+def _dataset(kind: str, args, device) -> jax.Array:
+  if kind == 'mnist':
+    images, _ = jaxgan.load_mnist('train', data_dir=args.data_dir,
+                                  mnist_dir=args.mnist_dir)
+  else:
+    images = np.random.default_rng(0).integers(
+        0, 256, (60000, 28, 28, 1), dtype=np.uint8)
+  return jax.device_put(jnp.asarray(images), device)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--batch_sizes', default='64,256,1024')
+  parser.add_argument('--trials', type=int, default=5)
+  parser.add_argument('--steps', type=int, default=10,
+                      help='steps per trial of the one-call-per-step loop')
+  parser.add_argument('--fused_steps', type=int, default=10,
+                      help='steps per fused call (one call per trial)')
+  parser.add_argument('--device', default=None,
+                      help='platform to run on: cpu, gpu or tpu (default: '
+                           "jax's default)")
+  parser.add_argument('--data', choices=('synthetic', 'mnist', 'both'),
+                      default='synthetic')
+  parser.add_argument('--mnist_dir', default=None)
+  parser.add_argument('--data_dir', default=None)
+  parser.add_argument('--json', default=None, help='write results here')
+  args = parser.parse_args()
+  try:
+    batch_sizes = [int(b) for b in args.batch_sizes.split(',')]
+  except ValueError:
+    parser.error(f'--batch_sizes must be comma-separated integers, got '
+                 f'{args.batch_sizes!r}')
+  if min(batch_sizes) < 1 or min(args.trials, args.steps,
+                                 args.fused_steps) < 1:
+    parser.error('batch sizes, --trials, --steps and --fused_steps must be '
+                 'positive')
+  try:
+    device = jax.devices(args.device)[0]
+  except RuntimeError as e:
+    parser.error(f'no {args.device} device: {e}')
+
+  kinds = ('synthetic', 'mnist') if args.data == 'both' else (args.data,)
+  report = {'device': device.device_kind, 'platform': device.platform,
+            'jax': jax.__version__, 'python': platform.python_version(),
+            'date': time.strftime('%Y-%m-%d'), 'results': []}
+  print(f'{device.device_kind} ({device.platform}), jax {jax.__version__}; '
+        f'median of {args.trials} trials')
+  print(f'{"data":10s}{"batch":>6s}{"compile s":>10s}{"step/s":>9s}'
+        f'{"img/s":>10s}{"fused/s":>9s}{"img/s":>10s}{"GFLOP/step":>11s}'
+        f'{"XLA":>8s}{"MFU":>7s}')
+  with jax.default_device(device):
+    for kind in kinds:
+      images = _dataset(kind, args, device)
+      for batch_size in batch_sizes:
+        result = benchmark(images, batch_size, args.steps, args.fused_steps,
+                           args.trials, device)
+        result['data'] = kind
+        report['results'].append(result)
+        mfu = result['fused']['mfu']
+        xla = result['flops_per_step_xla']
+        print(f'{kind:10s}{batch_size:6d}{result["compile_seconds_step"]:10.1f}'
+              f'{result["step"]["steps_per_sec"]:9.2f}'
+              f'{result["step"]["images_per_sec"]:10.0f}'
+              f'{result["fused"]["steps_per_sec"]:9.2f}'
+              f'{result["fused"]["images_per_sec"]:10.0f}'
+              f'{result["flops_per_step_analytic"] / 1e9:11.2f}'
+              f'{xla / 1e9 if xla else float("nan"):8.2f}'
+              f'{"unknown" if mfu is None else f"{mfu:.1%}":>7s}')
+  if args.data == 'both':
+    for batch_size in batch_sizes:
+      rates = {r['data']: r['fused']['steps_per_sec']
+               for r in report['results'] if r['batch_size'] == batch_size}
+      ratio = rates['mnist'] / rates['synthetic']
+      report.setdefault('real_over_synthetic', {})[batch_size] = ratio
+      print(f'batch {batch_size}: real-data / synthetic-data fused steps/s = '
+            f'{ratio:.3f}')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(report, f, indent=2)
+    print(f'wrote {args.json}')
+
+
+if __name__ == '__main__':
+  main()
