@@ -213,7 +213,7 @@ def main():
         f'median of {args.trials} trials')
   print(f'{"data":10s}{"batch":>6s}{"compile s":>10s}{"step/s":>9s}'
         f'{"img/s":>10s}{"fused/s":>9s}{"img/s":>10s}{"GFLOP/step":>11s}'
-        f'{"XLA":>8s}{"MFU":>7s}')
+        f'{"XLA":>8s}{"MFU":>8s}')
   with jax.default_device(device):
     for kind in kinds:
       images = _dataset(kind, args, device)
@@ -231,7 +231,7 @@ def main():
               f'{result["fused"]["images_per_sec"]:10.0f}'
               f'{result["flops_per_step_analytic"] / 1e9:11.2f}'
               f'{xla / 1e9 if xla else float("nan"):8.2f}'
-              f'{"unknown" if mfu is None else f"{mfu:.1%}":>7s}')
+              f'{"unknown" if mfu is None else f"{mfu:.1%}":>8s}')
   if args.data == 'both':
     for batch_size in batch_sizes:
       rates = {r['data']: r['fused']['steps_per_sec']
