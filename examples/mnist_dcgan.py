@@ -89,6 +89,10 @@ FLAGS = flags.FLAGS
 # Streams of the run key, fixed so a resumed run derives the same keys.
 _INIT, _TRAIN, _DISCRIMINATOR, _SAMPLES, _TEST = range(5)
 _GRID_SAMPLES = 64
+# Checkpoint metadata keys of each phase: (epochs done, steps per epoch).
+_PHASE_KEYS = {'train': ('train_epoch', 'steps_per_epoch'),
+               'discriminator': ('discriminator_epoch',
+                                 'discriminator_steps_per_epoch')}
 _MAX_IN_FLIGHT = 2
 
 
@@ -200,16 +204,52 @@ def _load_split(split: str):
   return images, labels
 
 
-def _steps_per_epoch(num_examples: int, batch_size: int, meta: dict) -> int:
+def _steps_per_epoch(num_examples: int, batch_size: int, saved: list) -> int:
+  """The flag's cap, else the first saved value, else the whole dataset."""
   full = num_examples // batch_size
   if full < 1:
     raise JaxganError(f'--batch_size={batch_size} exceeds the dataset size '
                       f'{num_examples}.')
   if FLAGS.steps_per_epoch is not None:
     return min(FLAGS.steps_per_epoch, full)
-  if meta.get('steps_per_epoch'):
-    return meta['steps_per_epoch']
-  return full
+  return next((value for value in saved if value), full)
+
+
+def _start_phase(run: Run, phase: str, require_checkpoint: bool):
+  """Restores the run and loads the training set for a phase.
+
+  Args:
+    run: the run.
+    phase: 'train' or 'discriminator'.
+    require_checkpoint: fail when the workdir holds no checkpoint.
+
+  Returns:
+    `(config, state_g, state_d, run_key, meta, images, steps_per_epoch,
+    first_epoch)`.
+  """
+  epoch_key, spe_key = _PHASE_KEYS[phase]
+  config, state_g, state_d, run_key, meta = run.restore_or_init(
+      require=require_checkpoint)
+  images, _ = _load_split('train')
+  spe = _steps_per_epoch(len(images), config.batch_size,
+                         [meta.get(spe_key), meta.get('steps_per_epoch')])
+  start_epoch = meta.get(epoch_key, 0)
+  if start_epoch and meta.get(spe_key) not in (None, spe):
+    raise CheckpointError(
+        f'The {phase} phase in this workdir used {meta[spe_key]} steps per '
+        f'epoch; --steps_per_epoch={FLAGS.steps_per_epoch} would change its '
+        'data order. Drop the flag to continue it, or use a new --workdir.')
+  meta[spe_key] = spe
+  run.logger = RunLogger(run.workdir)
+  run.logger.forget_after(phase, start_epoch * spe, start_epoch)
+  return config, state_g, state_d, run_key, meta, images, spe, start_epoch
+
+
+def _epoch_record(phase: str, epoch: int, spe: int, metrics: dict,
+                  seconds: float) -> dict:
+  return {'phase': phase, 'epoch': epoch, 'step': epoch * spe,
+          **{k: float(np.mean(v)) for k, v in sorted(metrics.items())},
+          'steps_per_sec': spe / seconds, 'seconds': seconds}
 
 
 def _steps_per_call(steps_per_epoch: int) -> int:
@@ -261,18 +301,8 @@ def _save_grid(run: Run, state_g, noise, name: str, step: int) -> str:
 
 
 def train_phase(run: Run) -> None:
-  config, state_g, state_d, run_key, meta = run.restore_or_init(require=False)
-  images_np, _ = _load_split('train')
-  spe = _steps_per_epoch(len(images_np), config.batch_size, meta)
-  start_epoch = meta['train_epoch']
-  if start_epoch and meta.get('steps_per_epoch') not in (None, spe):
-    raise CheckpointError(
-        f'This run used {meta["steps_per_epoch"]} steps per epoch; '
-        f'--steps_per_epoch={FLAGS.steps_per_epoch} would change its data '
-        'order. Drop the flag to continue it, or use a new --workdir.')
-  meta['steps_per_epoch'] = spe
-  run.logger = RunLogger(run.workdir)
-  run.logger.forget_after('train', start_epoch * spe, start_epoch)
+  (config, state_g, state_d, run_key, meta, images_np, spe,
+   start_epoch) = _start_phase(run, 'train', require_checkpoint=False)
   if start_epoch >= FLAGS.num_epochs:
     print(f'Already trained {start_epoch} epochs in {run.workdir}; raise '
           f'--num_epochs to train more.')
@@ -305,10 +335,8 @@ def train_phase(run: Run) -> None:
     metrics = _run_epoch(loop, epoch * spe, spe, chunk,
                          f'epoch {epoch + 1}/{FLAGS.num_epochs}', run.logger,
                          'train')
-    seconds = time.time() - epoch_start
-    record = {'phase': 'train', 'epoch': epoch + 1, 'step': (epoch + 1) * spe,
-              **{k: float(np.mean(v)) for k, v in sorted(metrics.items())},
-              'steps_per_sec': spe / seconds, 'seconds': seconds}
+    record = _epoch_record('train', epoch + 1, spe, metrics,
+                           time.time() - epoch_start)
     done = epoch + 1
     if done % FLAGS.sample_every_epochs == 0 or done == FLAGS.num_epochs:
       _save_grid(run, state_g, noise, f'epoch_{done:03d}.png', done * spe)
@@ -331,18 +359,8 @@ def train_phase(run: Run) -> None:
 
 
 def discriminator_phase(run: Run) -> None:
-  config, state_g, state_d, run_key, meta = run.restore_or_init(require=True)
-  images_np, _ = _load_split('train')
-  spe = _steps_per_epoch(len(images_np), config.batch_size, meta)
-  start_epoch = meta.get('discriminator_epoch', 0)
-  if start_epoch and meta.get('discriminator_steps_per_epoch') != spe:
-    raise CheckpointError(
-        f'The discriminator phase in this workdir used '
-        f'{meta.get("discriminator_steps_per_epoch")} steps per epoch; pass '
-        'the same --steps_per_epoch to continue it.')
-  meta['discriminator_steps_per_epoch'] = spe
-  run.logger = RunLogger(run.workdir)
-  run.logger.forget_after('discriminator', start_epoch * spe, start_epoch)
+  (config, state_g, state_d, run_key, meta, images_np, spe,
+   start_epoch) = _start_phase(run, 'discriminator', require_checkpoint=True)
   if start_epoch >= FLAGS.num_epochs:
     print(f'The discriminator already trained {start_epoch} epochs alone in '
           f'{run.workdir}; raise --num_epochs to train it more.')
@@ -368,11 +386,8 @@ def discriminator_phase(run: Run) -> None:
     metrics = _run_epoch(loop, epoch * spe, spe, chunk,
                          f'D epoch {epoch + 1}/{FLAGS.num_epochs}', run.logger,
                          'discriminator')
-    seconds = time.time() - epoch_start
-    record = {'phase': 'discriminator', 'epoch': epoch + 1,
-              'step': (epoch + 1) * spe,
-              **{k: float(np.mean(v)) for k, v in sorted(metrics.items())},
-              'steps_per_sec': spe / seconds, 'seconds': seconds}
+    record = _epoch_record('discriminator', epoch + 1, spe, metrics,
+                           time.time() - epoch_start)
     meta['discriminator_epoch'] = epoch + 1
     run.save(state_g, state_d, run_key, meta)
     run.logger.log_epoch(record)

@@ -138,8 +138,44 @@ def transpose_padding(kernel_size: int, stride: int, padding: str
   return lo, total - lo
 
 
-class Conv(nn.Module):
+class _Convolution(nn.Module):
+  """Parameters and call shared by `Conv` and `ConvTranspose`."""
+
+  features: int
+  kernel_size: Sequence[int]
+  strides: Sequence[int] = (1, 1)
+  padding: Any = 'SAME'
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros_init()
+
+  def _geometry(self, spatial_shape, kernel_size, strides, mode):
+    """Returns `(window_strides, padding, lhs_dilation)` of the convolution."""
+    raise NotImplementedError
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel_size = tuple(self.kernel_size)
+    strides = tuple(self.strides)
+    kernel = self.param('kernel', self.kernel_init,
+                        (*kernel_size, x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param('bias', self.bias_init, (self.features,),
+                       self.param_dtype) if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
+                                              dtype=self.dtype)
+    window_strides, padding, lhs_dilation = self._geometry(
+        x.shape[1:3], kernel_size, strides, _same_or_valid(self.padding))
+    y = conv_matmul_grad(x, kernel, window_strides, padding, lhs_dilation)
+    return y if bias is None else y + bias
+
+
+class Conv(_Convolution):
   """2-D convolution, NHWC, like `flax.linen.Conv` (same parameters).
+
+  Called on `[B, H, W, C]`, returns `[B, H', W', features]`.
 
   Attributes:
     features: output channels.
@@ -153,50 +189,28 @@ class Conv(nn.Module):
     bias_init: bias initialiser.
   """
 
-  features: int
-  kernel_size: Sequence[int]
-  strides: Sequence[int] = (1, 1)
-  padding: Any = 'SAME'
-  use_bias: bool = True
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  kernel_init: Any = nn.initializers.lecun_normal()
-  bias_init: Any = nn.initializers.zeros_init()
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Applies the convolution to `[B, H, W, C]`; returns `[B, H', W', F]`."""
-    kernel_size = tuple(self.kernel_size)
-    strides = tuple(self.strides)
-    kernel = self.param('kernel', self.kernel_init,
-                        (*kernel_size, x.shape[-1], self.features),
-                        self.param_dtype)
-    bias = (self.param('bias', self.bias_init, (self.features,),
-                       self.param_dtype) if self.use_bias else None)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
-                                              dtype=self.dtype)
-    mode = _same_or_valid(self.padding)
+  def _geometry(self, spatial_shape, kernel_size, strides, mode):
     if mode is None:
       padding = tuple(tuple(p) for p in self.padding)
     else:
-      padding = tuple(lax.padtype_to_pads(x.shape[1:3], kernel_size, strides,
-                                          mode))
-    y = conv_matmul_grad(x, kernel, strides, padding, (1, 1))
-    return y if bias is None else y + bias
+      padding = tuple(lax.padtype_to_pads(spatial_shape, kernel_size,
+                                          strides, mode))
+    return strides, padding, (1, 1)
 
 
-class ConvTranspose(nn.Module):
+class ConvTranspose(_Convolution):
   """Transposed 2-D convolution, like `flax.linen.ConvTranspose`.
 
   Same parameters and numerics as Flax's layer with `transpose_kernel=False`
   (its default): the kernel `[kh, kw, C, F]` is applied, unflipped, to the
-  input dilated by `strides`.
+  input dilated by `strides`. Called on `[B, H, W, C]`, returns
+  `[B, H*s, W*s, features]` with 'SAME' padding.
 
   Attributes:
     features: output channels.
     kernel_size: `(kh, kw)`.
     strides: upsampling factors.
-    padding: 'SAME' (output = input * strides), 'VALID' or explicit pairs.
+    padding: 'SAME', 'VALID' or explicit `((lo, hi), (lo, hi))`.
     use_bias: add a bias.
     dtype: computation dtype (None: from the inputs and parameters).
     param_dtype: parameter dtype.
@@ -204,34 +218,10 @@ class ConvTranspose(nn.Module):
     bias_init: bias initialiser.
   """
 
-  features: int
-  kernel_size: Sequence[int]
-  strides: Sequence[int] = (1, 1)
-  padding: Any = 'SAME'
-  use_bias: bool = True
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  kernel_init: Any = nn.initializers.lecun_normal()
-  bias_init: Any = nn.initializers.zeros_init()
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Applies the layer to `[B, H, W, C]`; returns `[B, H*s, W*s, F]` (SAME)."""
-    kernel_size = tuple(self.kernel_size)
-    strides = tuple(self.strides)
-    kernel = self.param('kernel', self.kernel_init,
-                        (*kernel_size, x.shape[-1], self.features),
-                        self.param_dtype)
-    bias = (self.param('bias', self.bias_init, (self.features,),
-                       self.param_dtype) if self.use_bias else None)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
-                                              dtype=self.dtype)
-    mode = _same_or_valid(self.padding)
+  def _geometry(self, spatial_shape, kernel_size, strides, mode):
     if mode is None:
       padding = tuple(tuple(p) for p in self.padding)
     else:
       padding = tuple(transpose_padding(k, s, mode)
                       for k, s in zip(kernel_size, strides))
-    y = conv_matmul_grad(x, kernel, (1, 1), padding, strides)
-    return y if bias is None else y + bias
-
+    return (1, 1), padding, strides
