@@ -1,0 +1,62 @@
+"""The benchmark scripts run from an install and write what they claim."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def _run(script, *args):
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'benchmarks', script), *args],
+      capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert result.returncode == 0, result.stderr
+  return result.stdout
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_reports_rates_and_flops(tmp_path):
+  out = tmp_path / 'bench.json'
+  stdout = _run('train_step.py', '--batch_sizes=8', '--trials=2', '--steps=2',
+                '--fused_steps=3', f'--json={out}')
+  assert 'GFLOP/step' in stdout
+  report = json.loads(out.read_text())
+  (result,) = report['results']
+  assert result['batch_size'] == 8 and result['data'] == 'synthetic'
+  for mode in ('step', 'fused'):
+    assert result[mode]['steps_per_sec'] > 0
+    assert result[mode]['trials'] == 2
+    assert result[mode]['steps_per_sec_min'] <= result[mode]['steps_per_sec']
+  assert result['fused']['steps_per_call'] == 3
+  # The analytic count and XLA's agree to within 15% (about 15 GFLOP at 64).
+  analytic, xla = result['flops_per_step_analytic'], result['flops_per_step_xla']
+  assert analytic == pytest.approx(14.89e9 * 8 / 64, rel=0.01)
+  assert xla == pytest.approx(analytic, rel=0.15)
+
+
+def test_train_step_benchmark_rejects_bad_flags():
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'benchmarks', 'train_step.py'),
+       '--batch_sizes=64,x'], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert 'comma-separated integers' in result.stderr
+
+
+def test_compare_pytorch_runs_with_or_without_torch(tmp_path):
+  out = tmp_path / 'compare.json'
+  stdout = _run('compare_pytorch.py', '--batch_size=8', '--steps=1',
+                '--trials=1', '--no_compile', f'--json={out}')
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    assert 'PyTorch is not installed' in stdout
+    assert not out.exists()
+    return
+  report = json.loads(out.read_text())
+  assert report['pytorch']['eager_steps_per_sec'] > 0
+  assert report['ratio_jaxgan_over_eager'] > 0
+  assert 'jaxgan (best) / PyTorch eager' in stdout
