@@ -90,7 +90,7 @@ def conv_matmul_grad(x: jax.Array, kernel: jax.Array,
   Returns:
     `[B, H', W', O]`, exactly `lax.conv_general_dilated`'s result.
   """
-  return _conv(x, kernel, strides, padding, lhs_dilation)
+  return _forward(x, kernel, strides, padding, lhs_dilation)[0]
 
 
 def _forward(x, kernel, strides, padding, lhs_dilation):
@@ -151,8 +151,8 @@ class _Convolution(nn.Module):
   kernel_init: Any = nn.initializers.lecun_normal()
   bias_init: Any = nn.initializers.zeros_init()
 
-  def _geometry(self, spatial_shape, kernel_size, strides, mode):
-    """Returns `(window_strides, padding, lhs_dilation)` of the convolution."""
+  def _named_geometry(self, spatial_shape, kernel_size, strides, mode):
+    """`(window_strides, padding, lhs_dilation)` for 'SAME' or 'VALID'."""
     raise NotImplementedError
 
   @nn.compact
@@ -166,8 +166,11 @@ class _Convolution(nn.Module):
                        self.param_dtype) if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
                                               dtype=self.dtype)
-    window_strides, padding, lhs_dilation = self._geometry(
-        x.shape[1:3], kernel_size, strides, _same_or_valid(self.padding))
+    mode = _same_or_valid(self.padding)
+    window_strides, padding, lhs_dilation = self._named_geometry(
+        x.shape[1:3], kernel_size, strides, mode or 'VALID')
+    if mode is None:
+      padding = tuple(tuple(pair) for pair in self.padding)
     y = conv_matmul_grad(x, kernel, window_strides, padding, lhs_dilation)
     return y if bias is None else y + bias
 
@@ -189,12 +192,9 @@ class Conv(_Convolution):
     bias_init: bias initialiser.
   """
 
-  def _geometry(self, spatial_shape, kernel_size, strides, mode):
-    if mode is None:
-      padding = tuple(tuple(p) for p in self.padding)
-    else:
-      padding = tuple(lax.padtype_to_pads(spatial_shape, kernel_size,
-                                          strides, mode))
+  def _named_geometry(self, spatial_shape, kernel_size, strides, mode):
+    padding = tuple(lax.padtype_to_pads(spatial_shape, kernel_size, strides,
+                                        mode))
     return strides, padding, (1, 1)
 
 
@@ -218,10 +218,8 @@ class ConvTranspose(_Convolution):
     bias_init: bias initialiser.
   """
 
-  def _geometry(self, spatial_shape, kernel_size, strides, mode):
-    if mode is None:
-      padding = tuple(tuple(p) for p in self.padding)
-    else:
-      padding = tuple(transpose_padding(k, s, mode)
-                      for k, s in zip(kernel_size, strides))
+  def _named_geometry(self, spatial_shape, kernel_size, strides, mode):
+    del spatial_shape  # The padding of a transposed conv needs no input size.
+    padding = tuple(transpose_padding(k, s, mode)
+                    for k, s in zip(kernel_size, strides))
     return (1, 1), padding, strides
