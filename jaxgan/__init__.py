@@ -1,7 +1,9 @@
 """jaxgan: GANs in JAX and Flax."""
 
+from jaxgan import classifier
 from jaxgan import data
 from jaxgan import images
+from jaxgan import metrics
 from jaxgan.checkpoint import Checkpointer
 from jaxgan.config import DCGANConfig
 from jaxgan.data import load_mnist
@@ -10,6 +12,11 @@ from jaxgan.errors import CheckpointError
 from jaxgan.errors import DataError
 from jaxgan.errors import JaxganError
 
+from jaxgan.metrics import EvalResult
+from jaxgan.metrics import FeatureStatistics
+from jaxgan.metrics import evaluate
+from jaxgan.metrics import frechet_distance
+from jaxgan.metrics import mnist_reference_statistics
 from jaxgan.losses import GANLoss
 from jaxgan.losses import NON_SATURATING
 from jaxgan.losses import available_losses

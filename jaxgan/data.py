@@ -159,13 +159,11 @@ def load_mnist(split: str = 'train', *, data_dir: str | None = None,
     DataError: see `prepare_mnist`.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  prepared_dir = prepare_mnist(data_dir, mnist_dir,
-                               network_timeout=network_timeout)
-  # Only real prepared data is cached (tfds.testing.mock_data prepares none).
+  folder = cache_dir(data_dir, mnist_dir, network_timeout=network_timeout)
   cache = None
-  if _builder(data_dir).is_prepared():
+  if folder is not None:
     safe_split = ''.join(c if c.isalnum() else '_' for c in split)
-    cache = os.path.join(prepared_dir, 'jaxgan_cache', f'{safe_split}.npz')
+    cache = os.path.join(folder, f'{safe_split}.npz')
     if os.path.isfile(cache):
       try:
         with np.load(cache) as arrays:
@@ -178,6 +176,26 @@ def load_mnist(split: str = 'train', *, data_dir: str | None = None,
   if cache is not None:
     _write_cache(cache, images, labels)
   return images, labels
+
+
+def cache_dir(data_dir: str | None = None, mnist_dir: str | None = None,
+              *, network_timeout: float = 5.0) -> str | None:
+  """The folder for jaxgan's caches beside the prepared MNIST, prepared first.
+
+  Args:
+    data_dir: tfds data directory (see `prepare_mnist`).
+    mnist_dir: folder with the original IDX files, for offline preparation.
+    network_timeout: see `prepare_mnist`.
+
+  Returns:
+    `<data_dir>/mnist/<version>/jaxgan_cache`, or None when tfds serves data
+    it has not prepared on disk (`tfds.testing.mock_data`).
+  """
+  prepared_dir = prepare_mnist(data_dir, mnist_dir,
+                               network_timeout=network_timeout)
+  if not _builder(data_dir).is_prepared():
+    return None
+  return os.path.join(prepared_dir, 'jaxgan_cache')
 
 
 def _write_cache(path: str, images: np.ndarray, labels: np.ndarray) -> None:
