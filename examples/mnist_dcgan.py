@@ -5,13 +5,16 @@ r"""Trains a DCGAN on MNIST: the TF1 tutorial's three phases, done right.
       --mnist_dir=../shared/datasets/mnist
   # 2. Train D alone against the frozen G.
   python examples/mnist_dcgan.py --workdir=/tmp/dcgan --phase=discriminator
-  # 3. Generate 1000 images and compare them with real test digits.
+  # 3. Evaluate 10,000 generated images against the real test digits.
   python examples/mnist_dcgan.py --workdir=/tmp/dcgan --phase=test
 
 Every phase resumes from the newest checkpoint in the workdir: running the
 same command again continues where it stopped; a larger --num_epochs trains
-further. Outputs in the workdir: checkpoints/, samples/*.png, steps.csv,
-metrics.jsonl, losses.png, tensorboard/ and test/.
+further. The train phase evaluates G every --eval_every_epochs (Frechet
+classifier distance, classifier score, mode coverage; see jaxgan.metrics) and
+keeps the checkpoint with the lowest FCD in best/. Outputs in the workdir:
+checkpoints/, best/, samples/*.png, steps.csv, metrics.jsonl, losses.png,
+eval_summary.json, tensorboard/ and test/.
 """
 
 import os
@@ -30,6 +33,7 @@ from tqdm import tqdm
 
 import jaxgan
 from jaxgan import images as images_lib
+from jaxgan import metrics as metrics_lib
 from jaxgan.checkpoint import Checkpointer
 from jaxgan.config import DCGANConfig
 from jaxgan.data import load_mnist
@@ -80,20 +84,33 @@ flags.DEFINE_integer('keep_checkpoints', 3, 'How many checkpoints to keep.',
 flags.DEFINE_bool('generator_batch_norm', _DEFAULTS.generator_batch_norm,
                   'BatchNorm in G. Off gives the literal tutorial model, '
                   'which collapses.')
-flags.DEFINE_integer('num_test_samples', 1000,
-                     'Images the test phase generates.', lower_bound=1)
+flags.DEFINE_integer('eval_every_epochs', 1,
+                     'Evaluate G (FCD, classifier score, coverage) every this '
+                     'many epochs, and after the last; 0: after the last '
+                     'epoch only.', lower_bound=0)
+flags.DEFINE_integer('eval_samples', 10_000,
+                     'Generated images per evaluation in the train phase; 0 '
+                     'turns evaluation (and the best checkpoint) off.',
+                     lower_bound=0)
+flags.DEFINE_integer('num_test_samples', 10_000,
+                     'Images the test phase generates and evaluates.',
+                     lower_bound=2)
 flags.DEFINE_bool('progress', True, 'Show a progress bar.')
 flags.mark_flag_as_required('workdir')
 FLAGS = flags.FLAGS
 
 # Streams of the run key, fixed so a resumed run derives the same keys.
-_INIT, _TRAIN, _DISCRIMINATOR, _SAMPLES, _TEST = range(5)
+_INIT, _TRAIN, _DISCRIMINATOR, _SAMPLES, _TEST, _EVAL = range(6)
 _GRID_SAMPLES = 64
 # Checkpoint metadata keys of each phase: (epochs done, steps per epoch).
 _PHASE_KEYS = {'train': ('train_epoch', 'steps_per_epoch'),
                'discriminator': ('discriminator_epoch',
                                  'discriminator_steps_per_epoch')}
 _MAX_IN_FLIGHT = 2
+_EVAL_BATCH = 500
+# Eval numbers logged per epoch (metrics.jsonl, TensorBoard).
+_EVAL_FIELDS = ('fcd', 'classifier_score', 'classes_present',
+                'class_kl_from_uniform', 'mean_confidence')
 
 
 def _stream(run_key: jax.Array, stream: int) -> jax.Array:
@@ -152,6 +169,9 @@ class Run:
     self.checkpointer = Checkpointer(
         os.path.join(self.workdir, 'checkpoints'),
         max_to_keep=FLAGS.keep_checkpoints)
+    # The generator with the lowest FCD so far; GANs often get worse late.
+    self.best = Checkpointer(os.path.join(self.workdir, 'best'),
+                             max_to_keep=1)
     self.logger = None
 
   def restore_or_init(self, require: bool):
@@ -181,16 +201,22 @@ class Run:
       meta['config'] = config.to_dict()
     return config, state_g, state_d, run_key, meta
 
-  def save(self, state_g, state_d, run_key, meta) -> int:
+  def save(self, state_g, state_d, run_key, meta, best: bool = False) -> int:
+    """Saves the latest checkpoint, and first the best one when `best`."""
     # Host copies: the next step donates the device buffers while orbax may
     # still be writing in the background.
     state_g, state_d = jax.tree.map(np.array, (state_g, state_d))
     step = int(state_d.step)
+    # The best checkpoint goes first: a run stopped between the two saves
+    # resumes from the previous latest one and repeats this evaluation.
+    if best and step not in self.best.all_steps():
+      self.best.save(step, state_g, state_d, run_key, meta)
     self.checkpointer.save(step, state_g, state_d, run_key, meta)
     return step
 
   def close(self):
     self.checkpointer.close()
+    self.best.close()
     if self.logger is not None:
       self.logger.close()
 
@@ -300,6 +326,38 @@ def _save_grid(run: Run, state_g, noise, name: str, step: int) -> str:
   return path
 
 
+def _reference_statistics() -> metrics_lib.FeatureStatistics:
+  """Classifier feature statistics of the real test set (cached)."""
+  return metrics_lib.mnist_reference_statistics(
+      'test', data_dir=FLAGS.data_dir, mnist_dir=FLAGS.mnist_dir)
+
+
+def _generate(state_g, key: jax.Array, num: int) -> np.ndarray:
+  """`num` images in batches, batch i from fold_in(key, i) (as evaluate)."""
+  return np.concatenate([
+      np.asarray(jaxgan.sample(state_g, jax.random.fold_in(key, i), size))
+      for i, size in enumerate(iter_chunks(num, _EVAL_BATCH))])
+
+
+def _evaluate(source, reference) -> metrics_lib.EvalResult:
+  return metrics_lib.evaluate(source, reference, batch_size=_EVAL_BATCH)
+
+
+def _eval_due(epoch: int) -> bool:
+  every = FLAGS.eval_every_epochs
+  return FLAGS.eval_samples > 0 and (
+      (every and epoch % every == 0) or epoch == FLAGS.num_epochs)
+
+
+def _write_json(path: str, value) -> None:
+  import json  # pylint: disable=g-import-not-at-top
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(value, f, indent=2)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
 def train_phase(run: Run) -> None:
   (config, state_g, state_d, run_key, meta, images_np, spe,
    start_epoch) = _start_phase(run, 'train', require_checkpoint=False)
@@ -315,6 +373,10 @@ def train_phase(run: Run) -> None:
                               config.noise_dim)
   chunk = _steps_per_call(spe)
   loss = config.gan_loss()
+  # Every evaluation uses the same noise, so epochs compare like for like.
+  eval_key = _stream(run_key, _EVAL)
+  reference = _reference_statistics() if FLAGS.eval_samples else None
+  last_eval = None
   if start_epoch == 0:
     _save_grid(run, state_g, noise, 'epoch_000.png', 0)
   print(f'Training epochs {start_epoch + 1}..{FLAGS.num_epochs} '
@@ -340,22 +402,54 @@ def train_phase(run: Run) -> None:
     done = epoch + 1
     if done % FLAGS.sample_every_epochs == 0 or done == FLAGS.num_epochs:
       _save_grid(run, state_g, noise, f'epoch_{done:03d}.png', done * spe)
+    is_best = False
+    eval_note = ''
+    if _eval_due(done):
+      eval_start = time.time()
+      last_eval = metrics_lib.evaluate(
+          lambda key, num: jaxgan.sample(state_g, key, num), reference,
+          num_samples=FLAGS.eval_samples, key=eval_key,
+          batch_size=_EVAL_BATCH)
+      record.update({name: getattr(last_eval, name) for name in _EVAL_FIELDS})
+      record['class_histogram'] = list(last_eval.class_histogram)
+      record['eval_samples'] = last_eval.num_images
+      record['eval_seconds'] = time.time() - eval_start
+      is_best = meta.get('best_fcd') is None or last_eval.fcd < meta['best_fcd']
+      if is_best:
+        meta.update(best_fcd=last_eval.fcd, best_epoch=done,
+                    best_step=done * spe)
+      eval_note = (f'  FCD {last_eval.fcd:.3f}{" (best)" if is_best else ""}'
+                   f'  score {last_eval.classifier_score:.2f}  digits '
+                   f'{last_eval.classes_present}')
     meta['train_epoch'] = done
-    run.save(state_g, state_d, run_key, meta)
+    run.save(state_g, state_d, run_key, meta, best=is_best)
     run.logger.log_epoch(record)
     plot_losses(run.logger.read_steps('train'),
                 os.path.join(run.workdir, 'losses.png'), 'DCGAN on MNIST')
     tqdm.write(f'epoch {done:3d}: d_loss {record["d_loss"]:.4f}  g_loss '
                f'{record["g_loss"]:.4f}  D(x) {record["d_real"]:.3f}  '
                f'D(G(z)) {record["d_fake"]:.3f}  '
-               f'{record["steps_per_sec"]:.1f} steps/s')
+               f'{record["steps_per_sec"]:.1f} steps/s{eval_note}')
   run.checkpointer.wait_until_finished()
+  run.best.wait_until_finished()
   print(f'Done: {FLAGS.num_epochs} epochs, {FLAGS.num_epochs * spe} steps in '
         f'{time.time() - start_time:.0f}s; final d_loss {record["d_loss"]:.4f}'
         f', g_loss {record["g_loss"]:.4f}, D(x) {record["d_real"]:.3f}, '
         f'D(G(z)) {record["d_fake"]:.3f}. Samples in '
         f'{os.path.join(run.workdir, "samples")}, checkpoint '
         f'{run.checkpointer.latest_step()}.')
+  if last_eval is not None:
+    best = {'fcd': meta['best_fcd'], 'epoch': meta['best_epoch'],
+            'step': meta['best_step'], 'checkpoint': os.path.join(
+                run.best.directory, str(meta['best_step']))}
+    _write_json(os.path.join(run.workdir, 'eval_summary.json'), {
+        'final': {'epoch': FLAGS.num_epochs, 'step': FLAGS.num_epochs * spe,
+                  **last_eval.to_dict()},
+        'best': best})
+    print(f'Final FCD {last_eval.fcd:.3f}, classifier score '
+          f'{last_eval.classifier_score:.2f}, {last_eval.classes_present} '
+          f'digits present; best FCD {best["fcd"]:.3f} at epoch '
+          f'{best["epoch"]} ({best["checkpoint"]}).')
 
 
 def discriminator_phase(run: Run) -> None:
@@ -400,16 +494,19 @@ def discriminator_phase(run: Run) -> None:
         f'{run.checkpointer.latest_step()}.')
 
 
+_PAIRWISE_IMAGES = 1000
+
+
 def _image_statistics(images: np.ndarray, probabilities: np.ndarray) -> dict:
-  """Summary numbers of a set of images in [-1, 1], `[N, 28, 28, 1]`."""
+  """Pixel summaries of images in [-1, 1], `[N, 28, 28, 1]`."""
   pixels = (images.reshape(len(images), -1) + 1.0) / 2.0
   # Mean distance between different images: low when samples collapse.
-  squared = np.sum(pixels ** 2, axis=1)
+  subset = pixels[:_PAIRWISE_IMAGES].astype(np.float64)
+  squared = np.sum(subset ** 2, axis=1)
   distances = np.sqrt(np.maximum(
-      squared[:, None] + squared[None, :] - 2.0 * pixels @ pixels.T, 0.0))
-  num = len(images)
+      squared[:, None] + squared[None, :] - 2.0 * subset @ subset.T, 0.0))
+  num = len(subset)
   return {
-      'count': num,
       'pixel_mean': float(pixels.mean()),
       'pixel_std': float(pixels.std()),
       'ink_fraction': float((pixels > 0.5).mean()),
@@ -419,43 +516,66 @@ def _image_statistics(images: np.ndarray, probabilities: np.ndarray) -> dict:
 
 
 def test_phase(run: Run) -> None:
-  import json  # pylint: disable=g-import-not-at-top
   config, state_g, state_d, run_key, meta = run.restore_or_init(require=True)
-  del config
-  test_images, _ = _load_split('test')
   num = FLAGS.num_test_samples
-  generated = np.asarray(jaxgan.sample(state_g, _stream(run_key, _TEST), num))
-  real = jaxgan.to_float_images(test_images[:num])
-  real = np.asarray(real)
+  reference = _reference_statistics()
+  test_images, _ = _load_split('test')
+  train_images, _ = _load_split('train')
+  key = _stream(run_key, _TEST)
+  sets = {
+      'generated': _generate(state_g, key, num),
+      'real_train': np.asarray(jaxgan.to_float_images(train_images[:num])),
+      'real_test': np.asarray(jaxgan.to_float_images(test_images[:num])),
+      'uniform_noise': np.asarray(jax.random.uniform(
+          jax.random.fold_in(key, 1_000_000), (num, 28, 28, 1), minval=-1.0,
+          maxval=1.0)),
+  }
+  best_step = run.best.latest_step()
+  if best_step is not None:
+    best_g, _, _, _ = run.best.restore(
+        *config.create_train_states(_stream(run_key, _INIT)))
+    sets = {'generated': sets.pop('generated'),
+            'best_generated': _generate(best_g, key, num), **sets}
   summary = {
       'checkpoint_step': run.checkpointer.latest_step(),
+      'best_checkpoint_step': best_step,
       'train_epochs': meta.get('train_epoch'),
       'discriminator_epochs': meta.get('discriminator_epoch'),
-      'generated': _image_statistics(
-          generated, np.asarray(jaxgan.discriminate(state_d, generated))),
-      'real_test': _image_statistics(
-          real, np.asarray(jaxgan.discriminate(state_d, real))),
+      'reference': f'MNIST test split, {reference.count} images',
   }
+  for name, images in sets.items():
+    start = time.time()
+    summary[name] = {
+        **_evaluate(images, reference).to_dict(),
+        **_image_statistics(
+            images, np.asarray(jaxgan.discriminate(state_d, images))),
+    }
+    logging.info('Evaluated %s in %.1fs', name, time.time() - start)
   out_dir = os.path.join(run.workdir, 'test')
   os.makedirs(out_dir, exist_ok=True)
   shown = min(100, num)
   picture = images_lib.side_by_side(
-      images_lib.image_grid(generated[:shown], columns=10),
-      images_lib.image_grid(real[:shown], columns=10), gap=16)
+      images_lib.image_grid(sets['generated'][:shown], columns=10),
+      images_lib.image_grid(sets['real_test'][:shown], columns=10), gap=16)
   png = images_lib.save_png(
       picture, os.path.join(out_dir, 'generated_vs_real.png'), scale=2)
-  with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
-  print(f'Test: {num} generated images vs {len(real)} real test images '
-        f'(checkpoint {summary["checkpoint_step"]}, '
+  _write_json(os.path.join(out_dir, 'summary.json'), summary)
+  print(f'Test: {num} images of each set against the {reference.count} real '
+        f'test images (checkpoint {summary["checkpoint_step"]}, '
         f'{summary["train_epochs"]} train epochs, '
-        f'{summary["discriminator_epochs"]} D-only epochs)')
-  print(f'{"":32s}{"generated":>12s}{"real test":>12s}')
-  for name in ('pixel_mean', 'pixel_std', 'ink_fraction',
-               'mean_pairwise_distance', 'discriminator_mean_probability'):
-    print(f'{name:32s}{summary["generated"][name]:12.4f}'
-          f'{summary["real_test"][name]:12.4f}')
-  print(f'Side by side (generated left, real right): {png}')
+        f'{summary["discriminator_epochs"]} D-only epochs'
+        + (f'; best checkpoint {best_step}' if best_step is not None else '')
+        + ')')
+  print(f'{"":32s}' + ''.join(f'{name:>16s}' for name in sets))
+  for field in ('fcd', 'classifier_score', 'classes_present',
+                'class_kl_from_uniform', 'mean_confidence', 'pixel_mean',
+                'ink_fraction', 'mean_pairwise_distance',
+                'discriminator_mean_probability'):
+    print(f'{field:32s}' + ''.join(f'{float(summary[name][field]):16.4f}'
+                                   for name in sets))
+  print(f'Lower FCD is better; real_train is the floor a perfect generator '
+        f'would reach. Side by side (generated left, real right): {png}; '
+        f'numbers in {os.path.join(out_dir, "summary.json")}')
 
 
 def main(argv):

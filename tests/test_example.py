@@ -44,7 +44,7 @@ def _restore(workdir, step):
 def test_three_phases_and_resume(tmp_path, mnist_data_dir):
   workdir = str(tmp_path / 'run')
   common = [f'--workdir={workdir}', f'--data_dir={mnist_data_dir}',
-            '--steps_per_epoch=3']
+            '--steps_per_epoch=3', '--eval_samples=500']
 
   first = _run(*common, '--num_epochs=1')
   assert 'Training epochs 1..1' in first.stdout
@@ -56,7 +56,12 @@ def test_three_phases_and_resume(tmp_path, mnist_data_dir):
   assert grid.size == (2 * (8 * 30 + 2), 2 * (8 * 30 + 2))
   records = _jsonl(os.path.join(workdir, 'metrics.jsonl'))
   assert [r['epoch'] for r in records] == [1]
-  assert set(records[0]) >= {'d_loss', 'g_loss', 'd_real', 'd_fake'}
+  assert set(records[0]) >= {'d_loss', 'g_loss', 'd_real', 'd_fake', 'fcd',
+                             'classifier_score', 'classes_present',
+                             'class_histogram'}
+  assert records[0]['eval_samples'] == 500
+  assert os.listdir(os.path.join(workdir, 'best')) == ['3']
+  assert 'FCD' in first.stdout and 'best FCD' in first.stdout
   with open(os.path.join(workdir, 'steps.csv')) as f:
     assert len(f.readlines()) == 1 + 3
   assert any(name.startswith('events.out.tfevents')
@@ -72,6 +77,16 @@ def test_three_phases_and_resume(tmp_path, mnist_data_dir):
   assert records[0] == _jsonl(os.path.join(workdir, 'metrics.jsonl'))[0]
   g_trained, d_trained, key_trained, meta = _restore(workdir, 6)
   assert int(g_trained.step) == 6 and meta['train_epoch'] == 2
+  # The best checkpoint holds the generator of the lowest logged FCD.
+  best_record = min(records, key=lambda r: r['fcd'])
+  assert meta['best_fcd'] == best_record['fcd']
+  assert meta['best_step'] == best_record['step']
+  assert os.listdir(os.path.join(workdir, 'best')) == [str(best_record['step'])]
+  with open(os.path.join(workdir, 'eval_summary.json')) as f:
+    eval_summary = json.load(f)
+  assert eval_summary['final']['fcd'] == records[-1]['fcd']
+  assert eval_summary['final']['step'] == 6
+  assert eval_summary['best']['fcd'] == best_record['fcd']
 
   # Phase two trains D alone; G stays as trained.
   third = _run(f'--workdir={workdir}', f'--data_dir={mnist_data_dir}',
@@ -86,15 +101,25 @@ def test_three_phases_and_resume(tmp_path, mnist_data_dir):
   records = _jsonl(os.path.join(workdir, 'metrics.jsonl'))
   assert [r['phase'] for r in records] == ['train', 'train', 'discriminator']
 
-  # Phase three: 1000 generated images against real test digits.
+  # Phase three: generated images against the real test set.
   fourth = _run(f'--workdir={workdir}', f'--data_dir={mnist_data_dir}',
-                '--phase=test')
+                '--phase=test', '--num_test_samples=1000')
+  assert 'classifier_score' in fourth.stdout
   assert 'discriminator_mean_probability' in fourth.stdout
   with open(os.path.join(workdir, 'test', 'summary.json')) as f:
     summary = json.load(f)
   assert summary['checkpoint_step'] == 9
-  assert summary['generated']['count'] == 1000
-  assert summary['real_test']['count'] == 1000
+  assert summary['best_checkpoint_step'] == best_record['step']
+  names = ('generated', 'best_generated', 'real_train', 'real_test',
+           'uniform_noise')
+  for name in names:
+    assert summary[name]['num_images'] == 1000
+    assert 1.0 <= summary[name]['classifier_score'] <= 10.0
+  # Six steps of training are far from real digits; real ones are close.
+  assert summary['real_train']['fcd'] < summary['generated']['fcd'] / 20
+  assert summary['real_train']['classes_present'] == 10
+  assert summary['real_train']['classifier_score'] > 9.5
+  assert summary['uniform_noise']['fcd'] > 100 * summary['real_train']['fcd']
   # Real test digits: ~13% bright pixels, spread-out images.
   assert 0.1 < summary['real_test']['ink_fraction'] < 0.2
   assert summary['real_test']['mean_pairwise_distance'] > 5
