@@ -45,6 +45,8 @@ flags.DEFINE_string('classifier_dir', classifier_lib.ASSET_DIR,
 flags.DEFINE_string('output_dir', None, 'Where the train phase writes the '
                     'weights (default: the package, replacing the shipped '
                     'ones).')
+flags.DEFINE_string('train_split', 'train', 'tfds split to train on, e.g. '
+                    "'train[:5000]' for a quick try.")
 flags.DEFINE_integer('seed', _DEFAULTS.seed, 'Seed of the training run.')
 flags.DEFINE_integer('epochs', _DEFAULTS.epochs, 'Training epochs.',
                      lower_bound=1)
@@ -77,7 +79,7 @@ def train_phase() -> None:
   config = classifier_lib.TrainConfig(
       seed=FLAGS.seed, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
       learning_rate=FLAGS.learning_rate)
-  train_images, train_labels = _load('train')
+  train_images, train_labels = _load(FLAGS.train_split)
   test_images, test_labels = _load('test')
   steps = config.epochs * (len(train_images) // config.batch_size)
   bar = tqdm(total=steps, unit='step', disable=not FLAGS.progress,
@@ -108,6 +110,7 @@ def train_phase() -> None:
         '(--epochs) or with another --seed.')
   info = {
       'script': 'examples/mnist_classifier.py --phase=train',
+      'train_split': FLAGS.train_split,
       'architecture': 'conv32-pool-conv64-pool-conv128-pool-dense128-dense10',
       'features': module.features,
       'train_config': config._asdict(),

@@ -287,3 +287,57 @@ def test_evaluate_a_sampler_in_batches_equals_the_array(mnist_data_dir):
                                                     rel=1e-5)
   assert streamed.class_histogram == whole.class_histogram
   json.dumps(streamed.to_dict())
+
+
+# Making the classifier. -------------------------------------------------------
+
+
+def test_classifier_training_is_seeded_and_learns():
+  rng = np.random.default_rng(0)
+  # Two classes a tiny net separates at once: dark and bright images.
+  labels = np.tile([0, 1], 128)
+  images = np.where(labels[:, None, None, None] == 1, 200, 20).astype(
+      np.uint8) + rng.integers(0, 30, (256, 28, 28, 1), dtype=np.uint8)
+  config = classifier_lib.TrainConfig(seed=3, epochs=2, batch_size=64)
+  seen = []
+  _, params = classifier_lib.train_classifier(
+      images, labels, config, lambda *args: seen.append(args[:2]))
+  _, again = classifier_lib.train_classifier(images, labels, config)
+  assert seen[-1] == (2, 8) and len(seen) == 8
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+  trained = (classifier_lib.MNISTClassifier(), params)
+  assert classifier_lib.accuracy(trained, images, labels) == 1.0
+
+
+@pytest.mark.slow
+def test_classifier_script_measures_and_refuses_a_weak_model(
+    tmp_path, mnist_data_dir):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  script = os.path.join(REPO, 'examples', 'mnist_classifier.py')
+
+  def run(*flags):
+    return subprocess.run(
+        [sys.executable, script, f'--data_dir={mnist_data_dir}',
+         '--noprogress', *flags], capture_output=True, text=True,
+        timeout=600, cwd=REPO)
+
+  measured = run('--phase=accuracy')
+  assert measured.returncode == 0, measured.stderr
+  assert 'MNIST test accuracy' in measured.stdout
+  assert 'in 10000 images' in measured.stdout
+
+  # 2,048 training images in one epoch cannot reach 99%: the weights are not written.
+  weak = run('--phase=train', "--train_split=train[:2048]", '--epochs=1',
+             f'--output_dir={tmp_path}/out')
+  assert weak.returncode == 2
+  assert 'below --min_accuracy' in weak.stderr
+  assert not os.path.exists(tmp_path / 'out')
+  written = run('--phase=train', "--train_split=train[:2048]", '--epochs=1',
+                '--min_accuracy=0', f'--output_dir={tmp_path}/out')
+  assert written.returncode == 0, written.stderr
+  loaded = classifier_lib.load_classifier(str(tmp_path / 'out'))
+  assert loaded.info['train_split'] == 'train[:2048]'
+  assert 0.2 < loaded.info['test_accuracy'] < 0.99
