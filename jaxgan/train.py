@@ -306,9 +306,42 @@ def loop_keys(key: jax.Array) -> tuple[jax.Array, jax.Array]:
   return shuffle_key, step_key
 
 
+def _all_finite(tree) -> jax.Array:
+  """Whether every floating-point value in `tree` is finite (a bool scalar)."""
+  checks = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+            if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+
+
+def _guarded(step_fn):
+  """Wraps a loop step so that divergence freezes the carry.
+
+  The carry becomes `(carry, diverged)`. A step whose metrics or new states
+  hold a NaN or an infinity sets `diverged`, and from then on the carry is
+  left as it was before that step: the loop returns the last finite states,
+  and the per-step `finite` metric (False from that step on) tells the host
+  where it went wrong, with no host round trip inside the loop.
+  """
+
+  def guarded(carry, batch, key):
+    state, diverged = carry
+    new_state, metrics = step_fn(state, batch, key)
+    finite = _all_finite((new_state, metrics))
+    diverged = diverged | ~finite
+    state = jax.tree.map(lambda old, new: jnp.where(diverged, old, new),
+                         state, new_state)
+    return (state, diverged), {**metrics, 'finite': ~diverged}
+
+  return guarded
+
+
 def _scan_steps(step_fn, carry, images, key, first_step, num_steps,
                 batch_size, steps_per_epoch, unroll):
-  """Runs `step_fn` for steps first_step .. first_step + num_steps - 1."""
+  """Runs `step_fn` for steps first_step .. first_step + num_steps - 1.
+
+  Steps are guarded (see `_guarded`): the returned carry is that of the last
+  finite step, and the metrics gain a per-step bool `finite`.
+  """
   num_examples = images.shape[0]
   if steps_per_epoch is None:
     steps_per_epoch = num_examples // batch_size
@@ -327,21 +360,25 @@ def _scan_steps(step_fn, carry, images, key, first_step, num_steps,
       lambda e: epoch_permutation(shuffle_key, e, num_examples))(
           first_epoch + jnp.arange(num_epochs_touched))
 
+  guarded_step = _guarded(step_fn)
+
   def body(carry, offset):
     step = first_step + offset
     epoch, position = jnp.divmod(step, steps_per_epoch)
     indices = jax.lax.dynamic_slice_in_dim(
         permutations[epoch - first_epoch], position * batch_size, batch_size)
     batch = jnp.take(images, indices, axis=0)
-    return step_fn(carry, batch, jax.random.fold_in(step_key, step))
+    return guarded_step(carry, batch, jax.random.fold_in(step_key, step))
 
+  carry = (carry, jnp.array(False))
   if num_steps == 1:
     # jax keeps a one-trip while loop even when fully unrolled, and XLA:CPU
     # compiles convolution gradients inside loop bodies several times slower.
-    carry, metrics = body(carry, jnp.zeros((), jnp.int32))
+    (carry, _), metrics = body(carry, jnp.zeros((), jnp.int32))
     return carry, jax.tree.map(lambda m: m[None], metrics)
-  return jax.lax.scan(body, carry, jnp.arange(num_steps, dtype=jnp.int32),
-                      unroll=unroll)
+  (carry, _), metrics = jax.lax.scan(
+      body, carry, jnp.arange(num_steps, dtype=jnp.int32), unroll=unroll)
+  return carry, metrics
 
 
 @functools.partial(
@@ -362,6 +399,11 @@ def train_loop(state_g: GeneratorState, state_d: DiscriminatorState,
   `s % steps_per_epoch`. See `loop_keys` for the keys, so the result equals
   calling `train_step` on the same batches with the same keys.
 
+  Divergence is caught inside the loop: once a step yields a NaN or an
+  infinity in a loss or a state, the remaining steps of the call leave the
+  states untouched, so the call returns the last finite states (their `step`
+  tells how far they got) and `metrics['finite']` marks the failing step.
+
   Args:
     state_g: generator state (consumed).
     state_d: discriminator state (consumed).
@@ -378,7 +420,9 @@ def train_loop(state_g: GeneratorState, state_d: DiscriminatorState,
       so on CPU prefer `num_steps=1`, which compiles without a loop.
 
   Returns:
-    `(state_g, state_d, metrics)`, metrics stacked per step: `[num_steps]`.
+    `(state_g, state_d, metrics)`, metrics stacked per step: `[num_steps]`
+    arrays `d_loss`, `g_loss`, `d_real`, `d_fake` and the bool `finite`
+    (False from the first diverged step on).
   """
 
   def step_fn(carry, batch, step_key):
@@ -406,9 +450,9 @@ def discriminator_loop(state_g: GeneratorState, state_d: DiscriminatorState,
                        ) -> tuple[DiscriminatorState, Metrics]:
   """Runs `num_steps` discriminator-only steps in one compiled call.
 
-  Same data order and keys as `train_loop`, counted from `first_step` (the
-  step within the discriminator phase, traced: changing it does not
-  recompile).
+  Same data order, keys and divergence guard as `train_loop`, counted from
+  `first_step` (the step within the discriminator phase, traced: changing
+  it does not recompile).
 
   Args:
     state_g: generator state (read only).
@@ -423,7 +467,8 @@ def discriminator_loop(state_g: GeneratorState, state_d: DiscriminatorState,
     unroll: `lax.scan`'s unroll (static), as for `train_loop`.
 
   Returns:
-    `(state_d, metrics)`, metrics stacked per step: `[num_steps]`.
+    `(state_d, metrics)`, metrics stacked per step: `[num_steps]` arrays
+    `d_loss`, `d_real`, `d_fake` and the bool `finite`.
   """
 
   def step_fn(state_d, batch, step_key):

@@ -210,10 +210,32 @@ def test_fused_loop_equals_single_steps(loop_states, num_steps):
   for want, got in ((state_g, fused_g), (state_d, fused_d)):
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert fused_metrics.pop('finite').tolist() == [True] * num_steps
   for name, values in fused_metrics.items():
     assert values.shape == (num_steps,)
     np.testing.assert_allclose(values, [float(m[name]) for m in per_step],
                                rtol=1e-5, atol=1e-6)
+
+
+def test_fused_loop_stops_updating_at_the_first_non_finite_step(loop_states):
+  """A NaN image in the second batch: the loop keeps the first step's states."""
+  images = np.array(jaxgan.to_float_images(_dataset()[:192]))
+  loop_key = jax.random.key(5)
+  shuffle_key, _ = jaxgan.loop_keys(loop_key)
+  order = np.asarray(jaxgan.epoch_permutation(shuffle_key, 0, len(images)))
+  images[order[64 + 10]] = np.nan
+  kwargs = dict(batch_size=64, steps_per_epoch=3)
+  fused_g, fused_d, metrics = jaxgan.train_loop(
+      *copy_tree(loop_states), images, loop_key, num_steps=3, **kwargs)
+  assert metrics['finite'].tolist() == [True, False, False]
+  assert np.isfinite(metrics['d_loss'][0]) and np.isnan(metrics['d_loss'][1])
+  assert int(fused_g.step) == int(fused_d.step) == 1
+  one_g, one_d, _ = jaxgan.train_loop(
+      *copy_tree(loop_states), images, loop_key, num_steps=1, **kwargs)
+  for want, got in ((one_g, fused_g), (one_d, fused_d)):
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+      assert np.all(np.isfinite(b))
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_loop_visits_each_example_once_per_epoch():
@@ -246,6 +268,7 @@ def test_discriminator_loop_equals_discriminator_steps(loop_states):
   for a, b in zip(jax.tree.leaves(state_d), jax.tree.leaves(fused_d)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert metrics['d_loss'].shape == (3,)
+  assert metrics['finite'].tolist() == [True] * 3
 
 
 def test_sample_uses_eval_mode_and_is_deterministic(states):
