@@ -18,6 +18,7 @@ eval_summary.json, tensorboard/ and test/.
 """
 
 import os
+import signal
 import sys
 import time
 
@@ -81,6 +82,16 @@ flags.DEFINE_integer('steps_per_call', 0,
                      lower_bound=0)
 flags.DEFINE_integer('keep_checkpoints', 3, 'How many checkpoints to keep.',
                      lower_bound=1)
+flags.DEFINE_integer('checkpoint_every_steps', 0,
+                     'Also checkpoint mid-epoch every this many steps (0: at '
+                     'the end of each epoch only). SIGINT/SIGTERM always '
+                     'save one before stopping.', lower_bound=0)
+flags.DEFINE_enum('on_divergence', 'stop', ['stop', 'rollback'],
+                  'When a loss or parameter becomes NaN or infinite: stop '
+                  'with a message, or roll back to the last checkpoint and '
+                  'continue with a new key.')
+flags.DEFINE_integer('max_rollbacks', 3, 'Rollbacks tried in one run before '
+                     'giving up.', lower_bound=0)
 flags.DEFINE_bool('generator_batch_norm', _DEFAULTS.generator_batch_norm,
                   'BatchNorm in G. Off gives the literal tutorial model, '
                   'which collapses.')
@@ -175,31 +186,58 @@ class Run:
     self.logger = None
 
   def restore_or_init(self, require: bool):
-    """Returns (config, state_g, state_d, run_key, meta)."""
-    has_checkpoint = self.checkpointer.latest_step() is not None
-    if not has_checkpoint and require:
-      raise CheckpointError(
-          f'No checkpoint in {self.checkpointer.directory}. Run '
-          f'--phase=train with this --workdir first.')
-    if has_checkpoint:
-      meta = self.checkpointer.read_meta()
-      config = _config_for_resume(meta['config'])
-    else:
+    """Returns (config, state_g, state_d, run_key, meta).
+
+    Restores the newest checkpoint that reads back whole. A damaged one (a
+    truncated or corrupted file) is reported and the one before it is used;
+    a checkpoint of another configuration is refused outright.
+    """
+    steps = self.checkpointer.all_steps()
+    if not steps:
+      if require:
+        raise CheckpointError(
+            f'No checkpoint in {self.checkpointer.directory}. Run '
+            f'--phase=train with this --workdir first.')
       config = _flag_config()
       meta = {'config': config.to_dict(), 'seed': FLAGS.seed,
               'train_epoch': 0, 'discriminator_epoch': 0,
               'steps_per_epoch': None}
-    run_key = jax.random.key(FLAGS.seed)
-    state_g, state_d = config.create_train_states(_stream(run_key, _INIT))
-    if has_checkpoint:
-      state_g, state_d, run_key, meta = self.checkpointer.restore(
-          state_g, state_d)
+      run_key = jax.random.key(FLAGS.seed)
+      state_g, state_d = config.create_train_states(_stream(run_key, _INIT))
+      return config, state_g, state_d, run_key, meta
+    failures = []
+    for step in reversed(steps):
+      try:
+        saved = self.checkpointer.read_meta(step)
+      except CheckpointError as e:
+        failures.append((step, e))
+        continue
+      config = _config_for_resume(saved['config'])
+      templates = config.create_train_states(jax.random.key(0))
+      try:
+        state_g, state_d, run_key, meta = self.checkpointer.restore(
+            *templates, step=step)
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append((step, e))
+        continue
+      for bad_step, error in failures:
+        print(f'warning: checkpoint {bad_step} in '
+              f'{self.checkpointer.directory} is damaged and was skipped '
+              f'({type(error).__name__}: {str(error).splitlines()[0][:300]}); '
+              f'resuming from checkpoint {step}.', file=sys.stderr)
       if FLAGS['seed'].present and FLAGS.seed != meta.get('seed'):
         print(f'warning: resuming with the checkpoint\'s seed '
               f'{meta.get("seed")}; --seed={FLAGS.seed} is ignored.',
               file=sys.stderr)
       meta['config'] = config.to_dict()
-    return config, state_g, state_d, run_key, meta
+      return config, state_g, state_d, run_key, meta
+    details = '; '.join(f'{step}: {type(e).__name__}: '
+                        f'{str(e).splitlines()[0][:200]}'
+                        for step, e in failures)
+    raise CheckpointError(
+        f'No checkpoint in {self.checkpointer.directory} can be read '
+        f'({details}). Move the folder aside to start over, or restore it '
+        'from a backup.')
 
   def save(self, state_g, state_d, run_key, meta, best: bool = False) -> int:
     """Saves the latest checkpoint, and first the best one when `best`."""
@@ -241,6 +279,13 @@ def _steps_per_epoch(num_examples: int, batch_size: int, saved: list) -> int:
   return next((value for value in saved if value), full)
 
 
+def _phase_step(phase: str, state_g, state_d) -> int:
+  """Steps done in a phase: G's updates, or D's updates beyond G's."""
+  if phase == 'train':
+    return int(state_g.step)
+  return int(state_d.step) - int(state_g.step)
+
+
 def _start_phase(run: Run, phase: str, require_checkpoint: bool):
   """Restores the run and loads the training set for a phase.
 
@@ -251,31 +296,31 @@ def _start_phase(run: Run, phase: str, require_checkpoint: bool):
 
   Returns:
     `(config, state_g, state_d, run_key, meta, images, steps_per_epoch,
-    first_epoch)`.
+    step)`, where `step` counts the steps of the phase already done.
   """
-  epoch_key, spe_key = _PHASE_KEYS[phase]
+  _, spe_key = _PHASE_KEYS[phase]
   config, state_g, state_d, run_key, meta = run.restore_or_init(
       require=require_checkpoint)
   images, _ = _load_split('train')
   spe = _steps_per_epoch(len(images), config.batch_size,
                          [meta.get(spe_key), meta.get('steps_per_epoch')])
-  start_epoch = meta.get(epoch_key, 0)
-  if start_epoch and meta.get(spe_key) not in (None, spe):
+  step = _phase_step(phase, state_g, state_d)
+  if step and meta.get(spe_key) not in (None, spe):
     raise CheckpointError(
         f'The {phase} phase in this workdir used {meta[spe_key]} steps per '
         f'epoch; --steps_per_epoch={FLAGS.steps_per_epoch} would change its '
         'data order. Drop the flag to continue it, or use a new --workdir.')
   meta[spe_key] = spe
   run.logger = RunLogger(run.workdir)
-  run.logger.forget_after(phase, start_epoch * spe, start_epoch)
-  return config, state_g, state_d, run_key, meta, images, spe, start_epoch
+  run.logger.forget_after(phase, step, step // spe)
+  return config, state_g, state_d, run_key, meta, images, spe, step
 
 
 def _epoch_record(phase: str, epoch: int, spe: int, metrics: dict,
-                  seconds: float) -> dict:
+                  steps_run: int, seconds: float) -> dict:
   return {'phase': phase, 'epoch': epoch, 'step': epoch * spe,
           **{k: float(np.mean(v)) for k, v in sorted(metrics.items())},
-          'steps_per_sec': spe / seconds, 'seconds': seconds}
+          'steps_per_sec': steps_run / seconds, 'seconds': seconds}
 
 
 def _steps_per_call(steps_per_epoch: int) -> int:
@@ -284,37 +329,180 @@ def _steps_per_call(steps_per_epoch: int) -> int:
   return 1 if jax.default_backend() == 'cpu' else steps_per_epoch
 
 
-def _run_epoch(loop, first_step: int, steps_per_epoch: int, chunk: int,
-               description: str, logger: RunLogger, phase: str):
-  """Runs one epoch in fused chunks; returns its per-step metrics (host).
+class _StopRequest:
+  """Turns SIGINT and SIGTERM into a request to stop at the next call.
+
+  A second signal stops at once, without a checkpoint.
+  """
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self) -> '_StopRequest':
+    for signum in (signal.SIGINT, signal.SIGTERM):
+      self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self.signum is not None:
+      raise KeyboardInterrupt
+    self.signum = signum
+    tqdm.write(f'{signal.Signals(signum).name} received: finishing the step '
+               'in flight and saving a checkpoint (send it again to stop '
+               'now, without one).')
+
+  @property
+  def requested(self) -> bool:
+    return self.signum is not None
+
+
+class _Stopped(Exception):
+  """Training stopped on a signal after saving a checkpoint."""
+
+  def __init__(self, signum: int, step: int):
+    super().__init__(signum, step)
+    self.signum, self.step = signum, step
+
+
+class _Diverged(Exception):
+  """A loss or a state became NaN or infinite at `step` (1-based)."""
+
+  def __init__(self, step: int):
+    super().__init__(step)
+    self.step = step
+
+
+def _partial_metrics(meta: dict, phase: str):
+  """Per-step metrics of the epoch in progress, saved in a mid-epoch
+  checkpoint (float32, exactly as computed)."""
+  saved = meta.get(f'{phase}_partial_epoch')
+  if not saved:
+    return None
+  return {name: np.asarray(values, np.float32)
+          for name, values in saved.items()}
+
+
+def _concat(parts: list) -> dict:
+  return {k: np.concatenate([np.asarray(p[k], np.float32) for p in parts])
+          for k in parts[0]}
+
+
+def _run_epoch(loop, epoch: int, start: int, spe: int, chunk: int,
+               description: str, logger: RunLogger, phase: str, partial,
+               checkpoint, stop: _StopRequest) -> dict:
+  """Runs steps start..spe-1 of an epoch in fused chunks.
 
   Calls are dispatched asynchronously; metrics are fetched once a call has
   finished, and at most `_MAX_IN_FLIGHT` calls are queued so the progress bar
-  follows the device instead of the dispatcher.
+  follows the device instead of the dispatcher. Every
+  --checkpoint_every_steps, and when a stop is requested, the queue is
+  drained and `checkpoint(metrics_so_far)` saves the run mid-epoch.
+
+  Args:
+    loop: `loop(num_steps, first_step)` dispatches one call; returns metrics.
+    epoch: the epoch (0-based).
+    start: the first step within the epoch (after a mid-epoch resume).
+    spe: steps per epoch.
+    chunk: steps per call.
+    description: progress bar label.
+    logger: the run's logger.
+    phase: 'train' or 'discriminator'.
+    partial: metrics of the epoch's steps before `start`, or None.
+    checkpoint: saves a mid-epoch checkpoint, given the metrics so far.
+    stop: the signal state.
+
+  Returns:
+    The whole epoch's per-step metrics (host float32 arrays).
+
+  Raises:
+    _Diverged: a step went non-finite (nothing is saved after it).
+    _Stopped: a signal arrived; a checkpoint was saved.
   """
-  pending, fetched = [], []
-  bar = tqdm(total=steps_per_epoch, desc=description, unit='step',
+  first_step = epoch * spe
+  pending, fetched = [], [partial] if partial else []
+  bar = tqdm(total=spe, initial=start, desc=description, unit='step',
              disable=not FLAGS.progress, leave=False, dynamic_ncols=True)
 
   def drain(wait_all: bool):
     while pending and (wait_all or len(pending) > _MAX_IN_FLIGHT or all(
         leaf.is_ready() for leaf in jax.tree.leaves(pending[0][1]))):
-      start, metrics = pending.pop(0)
+      call_first, metrics = pending.pop(0)
       metrics = jax.device_get(metrics)
-      logger.log_steps(phase, start, metrics)
+      finite = metrics.pop('finite')
+      if not finite.all():
+        bad = int(np.argmin(finite))
+        logger.log_steps(phase, call_first,
+                         {k: v[:bad] for k, v in metrics.items()})
+        raise _Diverged(call_first + bad + 1)
+      logger.log_steps(phase, call_first, metrics)
       fetched.append(metrics)
-      bar.update(len(next(iter(metrics.values()))))
+      bar.update(len(finite))
       bar.set_postfix({k: f'{float(v[-1]):.3f}'
                        for k, v in sorted(metrics.items())}, refresh=False)
 
-  done = 0
-  for size in iter_chunks(steps_per_epoch, chunk):
-    pending.append((first_step + done, loop(size, first_step + done)))
-    done += size
-    drain(wait_all=False)
-  drain(wait_all=True)
-  bar.close()
-  return {k: np.concatenate([m[k] for m in fetched]) for k in fetched[0]}
+  every = FLAGS.checkpoint_every_steps
+  done = start
+  try:
+    while done < spe:
+      size = min(chunk, spe - done)
+      if every:
+        size = min(size, every - (first_step + done) % every)
+      pending.append((first_step + done, loop(size, first_step + done)))
+      done += size
+      drain(wait_all=False)
+      boundary = every and (first_step + done) % every == 0
+      if done < spe and (stop.requested or boundary):
+        drain(wait_all=True)
+        checkpoint(_concat(fetched))
+        if stop.requested:
+          raise _Stopped(stop.signum, first_step + done)
+    drain(wait_all=True)
+  finally:
+    bar.close()
+  return _concat(fetched)
+
+
+def _loop_key(run_key: jax.Array, stream: int, meta: dict) -> jax.Array:
+  """A phase's loop key; each rollback after divergence draws a new one."""
+  key = _stream(run_key, stream)
+  rollbacks = meta.get('rollbacks', 0)
+  return jax.random.fold_in(key, rollbacks) if rollbacks else key
+
+
+def _handle_divergence(run: Run, config: DCGANConfig, diverged: _Diverged,
+                       phase: str, spe: int, rollbacks_here: int):
+  """Stops with a message, or (--on_divergence=rollback) restores the last
+  checkpoint and returns `(state_g, state_d, run_key, meta, step)`."""
+  run.checkpointer.wait_until_finished()
+  latest = run.checkpointer.latest_step()
+  where = (f'the last good checkpoint is {latest} in '
+           f'{run.checkpointer.directory}' if latest is not None else
+           'no checkpoint was written before it')
+  if (FLAGS.on_divergence != 'rollback' or latest is None
+      or rollbacks_here >= FLAGS.max_rollbacks):
+    tried = (f' after {rollbacks_here} rollbacks' if rollbacks_here else '')
+    raise JaxganError(
+        f'The {phase} phase diverged at step {diverged.step}{tried}: a loss '
+        f'or a parameter became NaN or infinite. Nothing after it was saved; '
+        f'{where}. Lower --learning_rate, or run again with '
+        '--on_divergence=rollback to continue from the last checkpoint with '
+        'new randomness.')
+  state_g, state_d, run_key, meta = run.checkpointer.restore(
+      *config.create_train_states(jax.random.key(0)), step=latest)
+  meta['rollbacks'] = meta.get('rollbacks', 0) + rollbacks_here + 1
+  meta['config'] = config.to_dict()
+  step = _phase_step(phase, state_g, state_d)
+  run.logger.forget_after(phase, step, step // spe)
+  tqdm.write(f'warning: the {phase} phase diverged at step {diverged.step}; '
+             f'rolled back to checkpoint {latest} (step {step}) with a new '
+             f'key (rollback {meta["rollbacks"]}).')
+  return state_g, state_d, run_key, meta, step
 
 
 def _save_grid(run: Run, state_g, noise, name: str, step: int) -> str:
@@ -360,15 +548,14 @@ def _write_json(path: str, value) -> None:
 
 def train_phase(run: Run) -> None:
   (config, state_g, state_d, run_key, meta, images_np, spe,
-   start_epoch) = _start_phase(run, 'train', require_checkpoint=False)
-  if start_epoch >= FLAGS.num_epochs:
-    print(f'Already trained {start_epoch} epochs in {run.workdir}; raise '
+   step) = _start_phase(run, 'train', require_checkpoint=False)
+  if step >= FLAGS.num_epochs * spe:
+    print(f'Already trained {step // spe} epochs in {run.workdir}; raise '
           f'--num_epochs to train more.')
     return
 
   images = to_device(images_np)
   del images_np
-  loop_key = _stream(run_key, _TRAIN)
   noise = jaxgan.sample_noise(_stream(run_key, _SAMPLES), _GRID_SAMPLES,
                               config.noise_dim)
   chunk = _steps_per_call(spe)
@@ -376,12 +563,15 @@ def train_phase(run: Run) -> None:
   # Every evaluation uses the same noise, so epochs compare like for like.
   eval_key = _stream(run_key, _EVAL)
   reference = _reference_statistics() if FLAGS.eval_samples else None
-  last_eval = None
-  if start_epoch == 0:
+  last_eval = record = None
+  if step == 0:
     _save_grid(run, state_g, noise, 'epoch_000.png', 0)
-  print(f'Training epochs {start_epoch + 1}..{FLAGS.num_epochs} '
-        f'({spe} steps of {config.batch_size} images each, {chunk} per call) '
-        f'on {jax.devices()[0].platform.upper()}; workdir {run.workdir}')
+  resumed = f', resuming at step {step}' if step % spe else ''
+  print(f'Training epochs {step // spe + 1}..{FLAGS.num_epochs} '
+        f'({spe} steps of {config.batch_size} images each, {chunk} per call'
+        f'{resumed}) on {jax.devices()[0].platform.upper()}; workdir '
+        f'{run.workdir}')
+  loop_key = _loop_key(run_key, _TRAIN, meta)
 
   def loop(size, first_step):
     nonlocal state_g, state_d
@@ -391,45 +581,69 @@ def train_phase(run: Run) -> None:
         batch_size=config.batch_size, steps_per_epoch=spe, loss=loss)
     return metrics
 
+  def checkpoint(metrics_so_far):
+    meta['train_partial_epoch'] = {k: v.tolist()
+                                   for k, v in metrics_so_far.items()}
+    run.save(state_g, state_d, run_key, meta)
+
   start_time = time.time()
-  for epoch in range(start_epoch, FLAGS.num_epochs):
-    epoch_start = time.time()
-    metrics = _run_epoch(loop, epoch * spe, spe, chunk,
-                         f'epoch {epoch + 1}/{FLAGS.num_epochs}', run.logger,
-                         'train')
-    record = _epoch_record('train', epoch + 1, spe, metrics,
-                           time.time() - epoch_start)
-    done = epoch + 1
-    if done % FLAGS.sample_every_epochs == 0 or done == FLAGS.num_epochs:
-      _save_grid(run, state_g, noise, f'epoch_{done:03d}.png', done * spe)
-    is_best = False
-    eval_note = ''
-    if _eval_due(done):
-      eval_start = time.time()
-      last_eval = metrics_lib.evaluate(
-          lambda key, num: jaxgan.sample(state_g, key, num), reference,
-          num_samples=FLAGS.eval_samples, key=eval_key,
-          batch_size=_EVAL_BATCH)
-      record.update({name: getattr(last_eval, name) for name in _EVAL_FIELDS})
-      record['class_histogram'] = list(last_eval.class_histogram)
-      record['eval_samples'] = last_eval.num_images
-      record['eval_seconds'] = time.time() - eval_start
-      is_best = meta.get('best_fcd') is None or last_eval.fcd < meta['best_fcd']
-      if is_best:
-        meta.update(best_fcd=last_eval.fcd, best_epoch=done,
-                    best_step=done * spe)
-      eval_note = (f'  FCD {last_eval.fcd:.3f}{" (best)" if is_best else ""}'
-                   f'  score {last_eval.classifier_score:.2f}  digits '
-                   f'{last_eval.classes_present}')
-    meta['train_epoch'] = done
-    run.save(state_g, state_d, run_key, meta, best=is_best)
-    run.logger.log_epoch(record)
-    plot_losses(run.logger.read_steps('train'),
-                os.path.join(run.workdir, 'losses.png'), 'DCGAN on MNIST')
-    tqdm.write(f'epoch {done:3d}: d_loss {record["d_loss"]:.4f}  g_loss '
-               f'{record["g_loss"]:.4f}  D(x) {record["d_real"]:.3f}  '
-               f'D(G(z)) {record["d_fake"]:.3f}  '
-               f'{record["steps_per_sec"]:.1f} steps/s{eval_note}')
+  rollbacks = 0
+  with _StopRequest() as stop:
+    while step < FLAGS.num_epochs * spe:
+      epoch, start = divmod(step, spe)
+      epoch_start = time.time()
+      try:
+        metrics = _run_epoch(
+            loop, epoch, start, spe, chunk,
+            f'epoch {epoch + 1}/{FLAGS.num_epochs}', run.logger, 'train',
+            _partial_metrics(meta, 'train') if start else None, checkpoint,
+            stop)
+      except _Diverged as diverged:
+        state_g, state_d, run_key, meta, step = _handle_divergence(
+            run, config, diverged, 'train', spe, rollbacks)
+        rollbacks += 1
+        loop_key = _loop_key(run_key, _TRAIN, meta)
+        continue
+      done = epoch + 1
+      record = _epoch_record('train', done, spe, metrics, spe - start,
+                             time.time() - epoch_start)
+      if done % FLAGS.sample_every_epochs == 0 or done == FLAGS.num_epochs:
+        _save_grid(run, state_g, noise, f'epoch_{done:03d}.png', done * spe)
+      is_best = False
+      eval_note = ''
+      if _eval_due(done):
+        eval_start = time.time()
+        last_eval = metrics_lib.evaluate(
+            lambda key, num: jaxgan.sample(state_g, key, num), reference,
+            num_samples=FLAGS.eval_samples, key=eval_key,
+            batch_size=_EVAL_BATCH)
+        record.update({name: getattr(last_eval, name)
+                       for name in _EVAL_FIELDS})
+        record['class_histogram'] = list(last_eval.class_histogram)
+        record['eval_samples'] = last_eval.num_images
+        record['eval_seconds'] = time.time() - eval_start
+        is_best = (meta.get('best_fcd') is None
+                   or last_eval.fcd < meta['best_fcd'])
+        if is_best:
+          meta.update(best_fcd=last_eval.fcd, best_epoch=done,
+                      best_step=done * spe)
+        eval_note = (f'  FCD {last_eval.fcd:.3f}'
+                     f'{" (best)" if is_best else ""}  score '
+                     f'{last_eval.classifier_score:.2f}  digits '
+                     f'{last_eval.classes_present}')
+      meta['train_epoch'] = done
+      meta['train_partial_epoch'] = None
+      run.save(state_g, state_d, run_key, meta, best=is_best)
+      run.logger.log_epoch(record)
+      plot_losses(run.logger.read_steps('train'),
+                  os.path.join(run.workdir, 'losses.png'), 'DCGAN on MNIST')
+      tqdm.write(f'epoch {done:3d}: d_loss {record["d_loss"]:.4f}  g_loss '
+                 f'{record["g_loss"]:.4f}  D(x) {record["d_real"]:.3f}  '
+                 f'D(G(z)) {record["d_fake"]:.3f}  '
+                 f'{record["steps_per_sec"]:.1f} steps/s{eval_note}')
+      step = done * spe
+      if stop.requested and step < FLAGS.num_epochs * spe:
+        raise _Stopped(stop.signum, step)
   run.checkpointer.wait_until_finished()
   run.best.wait_until_finished()
   print(f'Done: {FLAGS.num_epochs} epochs, {FLAGS.num_epochs * spe} steps in '
@@ -454,18 +668,20 @@ def train_phase(run: Run) -> None:
 
 def discriminator_phase(run: Run) -> None:
   (config, state_g, state_d, run_key, meta, images_np, spe,
-   start_epoch) = _start_phase(run, 'discriminator', require_checkpoint=True)
-  if start_epoch >= FLAGS.num_epochs:
-    print(f'The discriminator already trained {start_epoch} epochs alone in '
+   step) = _start_phase(run, 'discriminator', require_checkpoint=True)
+  if step >= FLAGS.num_epochs * spe:
+    print(f'The discriminator already trained {step // spe} epochs alone in '
           f'{run.workdir}; raise --num_epochs to train it more.')
     return
   images = to_device(images_np)
   del images_np
-  loop_key = _stream(run_key, _DISCRIMINATOR)
   chunk = _steps_per_call(spe)
   loss = config.gan_loss()
-  print(f'Training the discriminator alone, epochs {start_epoch + 1}..'
-        f'{FLAGS.num_epochs} ({spe} steps each); the generator is frozen.')
+  resumed = f', resuming at step {step}' if step % spe else ''
+  print(f'Training the discriminator alone, epochs {step // spe + 1}..'
+        f'{FLAGS.num_epochs} ({spe} steps each{resumed}); the generator is '
+        'frozen.')
+  loop_key = _loop_key(run_key, _DISCRIMINATOR, meta)
 
   def loop(size, first_step):
     nonlocal state_d
@@ -475,18 +691,43 @@ def discriminator_phase(run: Run) -> None:
         loss=loss)
     return metrics
 
-  for epoch in range(start_epoch, FLAGS.num_epochs):
-    epoch_start = time.time()
-    metrics = _run_epoch(loop, epoch * spe, spe, chunk,
-                         f'D epoch {epoch + 1}/{FLAGS.num_epochs}', run.logger,
-                         'discriminator')
-    record = _epoch_record('discriminator', epoch + 1, spe, metrics,
-                           time.time() - epoch_start)
-    meta['discriminator_epoch'] = epoch + 1
+  def checkpoint(metrics_so_far):
+    meta['discriminator_partial_epoch'] = {
+        k: v.tolist() for k, v in metrics_so_far.items()}
     run.save(state_g, state_d, run_key, meta)
-    run.logger.log_epoch(record)
-    tqdm.write(f'D epoch {epoch + 1:3d}: d_loss {record["d_loss"]:.4f}  '
-               f'D(x) {record["d_real"]:.3f}  D(G(z)) {record["d_fake"]:.3f}')
+
+  rollbacks = 0
+  record = None
+  with _StopRequest() as stop:
+    while step < FLAGS.num_epochs * spe:
+      epoch, start = divmod(step, spe)
+      epoch_start = time.time()
+      try:
+        metrics = _run_epoch(
+            loop, epoch, start, spe, chunk,
+            f'D epoch {epoch + 1}/{FLAGS.num_epochs}', run.logger,
+            'discriminator',
+            _partial_metrics(meta, 'discriminator') if start else None,
+            checkpoint, stop)
+      except _Diverged as diverged:
+        state_g, state_d, run_key, meta, step = _handle_divergence(
+            run, config, diverged, 'discriminator', spe, rollbacks)
+        rollbacks += 1
+        loop_key = _loop_key(run_key, _DISCRIMINATOR, meta)
+        continue
+      done = epoch + 1
+      record = _epoch_record('discriminator', done, spe, metrics, spe - start,
+                             time.time() - epoch_start)
+      meta['discriminator_epoch'] = done
+      meta['discriminator_partial_epoch'] = None
+      run.save(state_g, state_d, run_key, meta)
+      run.logger.log_epoch(record)
+      tqdm.write(f'D epoch {done:3d}: d_loss {record["d_loss"]:.4f}  '
+                 f'D(x) {record["d_real"]:.3f}  D(G(z)) '
+                 f'{record["d_fake"]:.3f}')
+      step = done * spe
+      if stop.requested and step < FLAGS.num_epochs * spe:
+        raise _Stopped(stop.signum, step)
   run.checkpointer.wait_until_finished()
   print(f'Done: the discriminator trained {FLAGS.num_epochs} epochs alone; '
         f'final d_loss {record["d_loss"]:.4f}, D(x) {record["d_real"]:.3f}, '
@@ -592,6 +833,14 @@ def main(argv):
   except JaxganError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except _Stopped as stopped:
+    run.checkpointer.wait_until_finished()
+    run.best.wait_until_finished()
+    print(f'Stopped by {signal.Signals(stopped.signum).name} after step '
+          f'{stopped.step}; checkpoint {run.checkpointer.latest_step()} saved '
+          f'in {run.checkpointer.directory}. Run the same command again to '
+          'resume.', file=sys.stderr)
+    sys.exit(128 + stopped.signum)
   finally:
     if run is not None:
       run.close()

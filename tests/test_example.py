@@ -184,10 +184,17 @@ def test_readme_library_example_runs(tmp_path, mnist_data_dir):
   """The README's `import jaxgan` example, shortened to three steps."""
   import re  # pylint: disable=g-import-not-at-top
   with open(os.path.join(REPO, 'README.md')) as f:
-    code = re.findall(r'```python\n(.*?)```', f.read(), re.S)[0]
-  assert 'for step in range(100):' in code
-  code = code.replace('for step in range(100):', 'for step in range(3):')
-  code += '\nassert samples.shape == (16, 28, 28, 1)\nassert int(state_g.step) == 3\n'
+    training, evaluation = re.findall(r'```python\n(.*?)```', f.read(),
+                                      re.S)[:2]
+  assert 'for step in range(100):' in training
+  assert 'jaxgan.evaluate(' in evaluation
+  code = training.replace('for step in range(100):', 'for step in range(3):')
+  code += ('\nassert samples.shape == (16, 28, 28, 1)\n'
+           'assert int(state_g.step) == 3\n')
+  code += evaluation.replace('10_000', '1000')
+  code += ('\nassert result.num_images == real.num_images == 1000\n'
+           'assert real.fcd < result.fcd / 10\n'
+           'assert real.classes_present == 10\n')
   script = tmp_path / 'readme_example.py'
   script.write_text(code)
   result = subprocess.run(
