@@ -11,6 +11,11 @@ from jaxgan import models
 from jaxgan import train
 
 
+# Widths and batch sizes beyond this are typos, not experiments: they would
+# only fail later, out of memory.
+_MAX_SIZE = 1 << 20
+
+
 @dataclasses.dataclass(frozen=True)
 class DCGANConfig:
   """Model and optimisation settings of a DCGAN run.
@@ -44,8 +49,13 @@ class DCGANConfig:
                  'discriminator_channels_1', 'discriminator_channels_2',
                  'batch_size'):
       value = getattr(self, name)
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f'{name} must be a positive integer, got {value!r}.')
+      if (not isinstance(value, int) or isinstance(value, bool) or value < 1
+          or value > _MAX_SIZE):
+        raise ValueError(f'{name} must be an integer in [1, {_MAX_SIZE}], '
+                         f'got {value!r}.')
+    if not isinstance(self.generator_batch_norm, bool):
+      raise ValueError(f'generator_batch_norm must be True or False, got '
+                       f'{self.generator_batch_norm!r}.')
     if not 0.0 < self.learning_rate < 1.0:
       raise ValueError(
           f'learning_rate must be in (0, 1), got {self.learning_rate}.')
