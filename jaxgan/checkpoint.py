@@ -3,13 +3,18 @@
 Each checkpoint is a step folder written by `orbax.checkpoint`: it is built
 under a temporary name and renamed when complete, so an interrupted save never
 replaces the previous checkpoint, and restore only ever sees finished ones.
+The metadata holds a sha256 of every array saved; restore recomputes it, so
+a checkpoint damaged on disk is refused instead of silently resuming from
+wrong numbers.
 """
 
+import hashlib
 import os
 from typing import Any
 
 import flax.serialization
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxgan.errors import CheckpointError
@@ -19,8 +24,22 @@ from jaxgan.train import GeneratorState
 _ITEMS = ('state_g', 'state_d', 'key', 'meta')
 
 
+_DIGEST = 'arrays_sha256'
+
+
 def _abstract(tree: Any) -> Any:
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _digest(tree: Any) -> str:
+  """sha256 over every leaf's path, dtype, shape and bytes (host copies)."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = np.asarray(leaf)
+    digest.update(f'{jax.tree_util.keystr(path)}|{array.dtype}|'
+                  f'{array.shape}|'.encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
 
 
 class Checkpointer:
@@ -73,12 +92,17 @@ class Checkpointer:
       key: the run's PRNG key (a typed key array).
       meta: JSON-serialisable metadata: counters, config.
     """
+    trees = {
+        'state_g': flax.serialization.to_state_dict(state_g),
+        'state_d': flax.serialization.to_state_dict(state_d),
+        'key': {'data': jax.random.key_data(key)},
+    }
     self._manager.save(step, args=ocp.args.Composite(
-        state_g=ocp.args.StandardSave(flax.serialization.to_state_dict(state_g)),
-        state_d=ocp.args.StandardSave(flax.serialization.to_state_dict(state_d)),
-        key=ocp.args.StandardSave({'data': jax.random.key_data(key)}),
+        state_g=ocp.args.StandardSave(trees['state_g']),
+        state_d=ocp.args.StandardSave(trees['state_d']),
+        key=ocp.args.StandardSave(trees['key']),
         meta=ocp.args.JsonSave({**meta, 'key_impl': str(
-            jax.random.key_impl(key))})))
+            jax.random.key_impl(key)), _DIGEST: _digest(trees)})))
 
   def read_meta(self, step: int | None = None) -> dict[str, Any]:
     """Reads only the metadata of a checkpoint (the latest if None).
@@ -99,6 +123,7 @@ class Checkpointer:
           f'{self.directory}: {type(e).__name__}: {e}') from e
     meta = dict(restored['meta'])
     meta.pop('key_impl', None)
+    meta.pop(_DIGEST, None)
     return meta
 
   def restore(self, state_g: GeneratorState, state_d: DiscriminatorState,
@@ -117,8 +142,9 @@ class Checkpointer:
       `(state_g, state_d, key, meta)`.
 
     Raises:
-      CheckpointError: no checkpoint exists, or it does not fit the states
-        (another model size or optimiser).
+      CheckpointError: no checkpoint exists, it does not fit the states
+        (another model size or optimiser), or its arrays do not match the
+        sha256 saved with them (damaged on disk).
     """
     if step is None:
       step = self.latest_step()
@@ -139,6 +165,12 @@ class Checkpointer:
           f'and optimiser ({type(e).__name__}: {e}). Use the config it was '
           f'written with, or another workdir.') from e
     meta = dict(restored['meta'])
+    saved_digest = meta.pop(_DIGEST, None)
+    trees = {name: restored[name] for name in ('state_g', 'state_d', 'key')}
+    if saved_digest is not None and _digest(trees) != saved_digest:
+      raise CheckpointError(
+          f'Checkpoint {step} in {self.directory} is damaged: its arrays do '
+          'not match the sha256 saved with them.')
     key = jax.random.wrap_key_data(restored['key']['data'],
                                    impl=meta.pop('key_impl', None))
     return (flax.serialization.from_state_dict(state_g, restored['state_g']),

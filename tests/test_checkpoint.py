@@ -94,3 +94,24 @@ def test_literal_model_without_batchnorm_checkpoints(tmp_path):
     g, _, _, _ = ckpt.restore(*make_states(batch_norm=False))
   assert leaves_equal(g.params, states[0].params)
   assert jnp.asarray(g.step).dtype == jnp.int32
+
+
+def test_a_flipped_bit_on_disk_is_caught(tmp_path, states):
+  """orbax reads a flipped bit back silently; the saved sha256 catches it."""
+  with jaxgan.Checkpointer(str(tmp_path)) as ckpt:
+    ckpt.save(1, *states, jax.random.key(0), {'n': 1})
+  data_files = []
+  for root, _, files in os.walk(tmp_path / '1' / 'state_g'):
+    data_files += [os.path.join(root, f) for f in files
+                   if not f.startswith('_')]
+  largest = max(data_files, key=os.path.getsize)
+  size = os.path.getsize(largest)
+  with open(largest, 'r+b') as f:
+    f.seek(size // 2)
+    byte = f.read(1)[0]
+    f.seek(size // 2)
+    f.write(bytes([byte ^ 0x10]))
+  with jaxgan.Checkpointer(str(tmp_path)) as ckpt:
+    assert ckpt.read_meta() == {'n': 1}
+    with pytest.raises(jaxgan.CheckpointError, match='is damaged'):
+      ckpt.restore(*copy_tree(states))
