@@ -95,7 +95,9 @@ class Checkpointer:
     trees = {
         'state_g': flax.serialization.to_state_dict(state_g),
         'state_d': flax.serialization.to_state_dict(state_d),
-        'key': {'data': jax.random.key_data(key)},
+        # A host array: every process holds the same key, and orbax writes
+        # host arrays once, where a per-process device array would clash.
+        'key': {'data': np.asarray(jax.random.key_data(key))},
     }
     self._manager.save(step, args=ocp.args.Composite(
         state_g=ocp.args.StandardSave(trees['state_g']),

@@ -281,18 +281,32 @@ def discriminator_step(state_g: GeneratorState, state_d: DiscriminatorState,
 
 
 def epoch_permutation(key: jax.Array, epoch: jax.typing.ArrayLike,
-                      num_examples: int) -> jax.Array:
+                      num_examples: int, num_shards: int = 1) -> jax.Array:
   """The order in which epoch `epoch` visits the dataset.
+
+  With `num_shards=S > 1` the dataset is S contiguous blocks of `N / S`
+  examples (one per data-parallel shard, see `jaxgan.parallel`), each
+  shuffled on its own, and a batch takes `B / S` examples from every block:
+  no example crosses devices or hosts, and the order depends on S but not on
+  how many devices hold the blocks.
 
   Args:
     key: the shuffle key of the run.
     epoch: epoch index (may be traced).
-    num_examples: dataset size `N`.
+    num_examples: dataset size `N` (a multiple of `num_shards`).
+    num_shards: S, the number of blocks.
 
   Returns:
-    A permutation of `arange(N)`, `[N]` int32.
+    `[N]` int32 for one shard: a permutation of `arange(N)`. Otherwise
+    `[S, N / S]`: row k is a permutation of block k's indices `arange(N / S)`
+    (local to the block).
   """
-  return jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+  epoch_key = jax.random.fold_in(key, epoch)
+  if num_shards == 1:
+    return jax.random.permutation(epoch_key, num_examples)
+  block = num_examples // num_shards
+  return jax.vmap(lambda k: jax.random.permutation(
+      jax.random.fold_in(epoch_key, k), block))(jnp.arange(num_shards))
 
 
 def loop_keys(key: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -336,13 +350,20 @@ def _guarded(step_fn):
 
 
 def _scan_steps(step_fn, carry, images, key, first_step, num_steps,
-                batch_size, steps_per_epoch, unroll):
+                batch_size, steps_per_epoch, unroll, num_shards=1):
   """Runs `step_fn` for steps first_step .. first_step + num_steps - 1.
 
   Steps are guarded (see `_guarded`): the returned carry is that of the last
   finite step, and the metrics gain a per-step bool `finite`.
   """
   num_examples = images.shape[0]
+  if num_examples % num_shards or batch_size % num_shards:
+    raise ValueError(
+        f'With {num_shards} data shards the dataset size ({num_examples}) and '
+        f'the batch size ({batch_size}) must both be multiples of '
+        f'{num_shards}; drop the remainder of the dataset '
+        f'(jaxgan.parallel.shard_dataset does) and pick a batch size that '
+        f'divides evenly.')
   if steps_per_epoch is None:
     steps_per_epoch = num_examples // batch_size
   if not 1 <= steps_per_epoch <= num_examples // batch_size:
@@ -357,17 +378,29 @@ def _scan_steps(step_fn, carry, images, key, first_step, num_steps,
   # keeps shapes fixed and avoids a conditional inside the loop.
   num_epochs_touched = -(-(num_steps - 1) // steps_per_epoch) + 1
   permutations = jax.vmap(
-      lambda e: epoch_permutation(shuffle_key, e, num_examples))(
+      lambda e: epoch_permutation(shuffle_key, e, num_examples, num_shards))(
           first_epoch + jnp.arange(num_epochs_touched))
+  # [S, N / S, ...]: block k lives on data shard k.
+  blocks = images.reshape(num_shards, num_examples // num_shards,
+                          *images.shape[1:])
+  shard_batch = batch_size // num_shards
 
   guarded_step = _guarded(step_fn)
 
   def body(carry, offset):
     step = first_step + offset
     epoch, position = jnp.divmod(step, steps_per_epoch)
-    indices = jax.lax.dynamic_slice_in_dim(
-        permutations[epoch - first_epoch], position * batch_size, batch_size)
-    batch = jnp.take(images, indices, axis=0)
+    order = permutations[epoch - first_epoch]
+    if num_shards == 1:
+      indices = jax.lax.dynamic_slice_in_dim(order, position * batch_size,
+                                             batch_size)
+      batch = jnp.take(images, indices, axis=0)
+    else:
+      # Each block gives B / S examples, gathered where the block lives.
+      indices = jax.lax.dynamic_slice_in_dim(
+          order, position * shard_batch, shard_batch, axis=1)
+      batch = jax.vmap(lambda block, i: jnp.take(block, i, axis=0))(
+          blocks, indices).reshape(batch_size, *images.shape[1:])
     return guarded_step(carry, batch, jax.random.fold_in(step_key, step))
 
   carry = (carry, jnp.array(False))
@@ -384,12 +417,12 @@ def _scan_steps(step_fn, carry, images, key, first_step, num_steps,
 @functools.partial(
     jax.jit, donate_argnums=(0, 1),
     static_argnames=('num_steps', 'batch_size', 'steps_per_epoch', 'loss',
-                     'unroll'))
+                     'unroll', 'num_shards'))
 def train_loop(state_g: GeneratorState, state_d: DiscriminatorState,
                images: jax.Array, key: jax.Array, *, num_steps: int,
                batch_size: int, steps_per_epoch: int | None = None,
                loss: losses_lib.GANLoss = losses_lib.NON_SATURATING,
-               unroll: int | bool = 1,
+               unroll: int | bool = 1, num_shards: int = 1,
                ) -> tuple[GeneratorState, DiscriminatorState, Metrics]:
   """Runs `num_steps` train steps in one compiled call (`lax.scan`).
 
@@ -418,6 +451,8 @@ def train_loop(state_g: GeneratorState, state_d: DiscriminatorState,
     unroll: `lax.scan`'s unroll (static). XLA:CPU compiles convolution
       gradients inside loop bodies several times slower than outside them,
       so on CPU prefer `num_steps=1`, which compiles without a loop.
+    num_shards: data-parallel shards the dataset is split into (static);
+      see `epoch_permutation`. `jaxgan.parallel` sets it to the mesh size.
 
   Returns:
     `(state_g, state_d, metrics)`, metrics stacked per step: `[num_steps]`
@@ -433,20 +468,20 @@ def train_loop(state_g: GeneratorState, state_d: DiscriminatorState,
 
   (state_g, state_d), metrics = _scan_steps(
       step_fn, (state_g, state_d), images, key, state_g.step, num_steps,
-      batch_size, steps_per_epoch, unroll)
+      batch_size, steps_per_epoch, unroll, num_shards)
   return state_g, state_d, metrics
 
 
 @functools.partial(
     jax.jit, donate_argnums=(1,),
     static_argnames=('num_steps', 'batch_size', 'steps_per_epoch', 'loss',
-                     'unroll'))
+                     'unroll', 'num_shards'))
 def discriminator_loop(state_g: GeneratorState, state_d: DiscriminatorState,
                        images: jax.Array, key: jax.Array,
                        first_step: jax.typing.ArrayLike, *, num_steps: int,
                        batch_size: int, steps_per_epoch: int | None = None,
                        loss: losses_lib.GANLoss = losses_lib.NON_SATURATING,
-                       unroll: int | bool = 1,
+                       unroll: int | bool = 1, num_shards: int = 1,
                        ) -> tuple[DiscriminatorState, Metrics]:
   """Runs `num_steps` discriminator-only steps in one compiled call.
 
@@ -465,6 +500,7 @@ def discriminator_loop(state_g: GeneratorState, state_d: DiscriminatorState,
     steps_per_epoch: batches per epoch (static), as for `train_loop`.
     loss: the GAN loss pair (static).
     unroll: `lax.scan`'s unroll (static), as for `train_loop`.
+    num_shards: data shards (static), as for `train_loop`.
 
   Returns:
     `(state_d, metrics)`, metrics stacked per step: `[num_steps]` arrays
@@ -475,7 +511,7 @@ def discriminator_loop(state_g: GeneratorState, state_d: DiscriminatorState,
     return _discriminator_step(state_g, state_d, batch, step_key, loss)
 
   return _scan_steps(step_fn, state_d, images, key, first_step, num_steps,
-                     batch_size, steps_per_epoch, unroll)
+                     batch_size, steps_per_epoch, unroll, num_shards)
 
 
 @functools.partial(jax.jit, static_argnames=('num',))

@@ -1,0 +1,140 @@
+"""Data parallelism: 8 devices, two processes, and the one-device path."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import jaxgan
+from jaxgan import parallel
+from conftest import REPO, make_states
+
+WORKER = os.path.join(REPO, 'tests', 'parallel_worker.py')
+
+
+def _worker(*args, devices=1, **popen):
+  env = {**os.environ,
+         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  return subprocess.Popen([sys.executable, WORKER, *map(str, args)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, cwd=REPO, **popen)
+
+
+def _finish(process, timeout=600):
+  stdout, stderr = process.communicate(timeout=timeout)
+  assert process.returncode == 0, f'{stdout}\n{stderr[-4000:]}'
+  return stdout
+
+
+def _assert_close(want: dict, got: dict):
+  assert sorted(want) == sorted(got)
+  for name in want:
+    if want[name].dtype.kind == 'f':
+      np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6,
+                                 err_msg=name)
+    else:
+      np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def _split(npz, prefix):
+  return {k[len(prefix):]: npz[k] for k in npz.files if k.startswith(prefix)}
+
+
+@pytest.mark.slow
+def test_eight_devices_equal_one_device(tmp_path):
+  """Same global batch, keys and data blocks: same states and metrics."""
+  out = str(tmp_path / 'devices.npz')
+  _finish(_worker('devices', out, devices=8))
+  with np.load(out) as loop:
+    _assert_close(_split(loop, 'one/'), _split(loop, 'eight/'))
+    _assert_close(_split(loop, 'one_metric/'), _split(loop, 'eight_metric/'))
+    assert _split(loop, 'eight_metric/')['finite'].all()
+  # One train step: BatchNorm statistics are those of the global batch.
+  with np.load(out.replace('.npz', '_step.npz')) as step:
+    _assert_close(_split(step, 'one/'), _split(step, 'eight/'))
+    stats = [k for k in step.files if 'batch_stats' in k and 'eight/' in k]
+    assert stats
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_and_share_a_checkpoint(tmp_path):
+  out = str(tmp_path / 'processes.npz')
+  port = _free_port()
+  workers = [_worker('process', out, pid, 2, port, devices=2)
+             for pid in range(2)]
+  single = str(tmp_path / 'single.npz')
+  outputs = [_finish(w) for w in workers]
+  assert 'rows 0 128 devices 2 4' in outputs[0]
+  assert 'rows 128 256 devices 2 4' in outputs[1]
+  # One process, one device, the same 4 data blocks.
+  _finish(_worker('single', single, 4))
+  with np.load(out) as multi, np.load(single) as one:
+    _assert_close(dict(one), dict(multi))
+
+  # The checkpoint the two processes wrote restores in this one process.
+  import optax  # pylint: disable=g-import-not-at-top
+  templates = make_states(optimizer=optax.sgd(1e-3))
+  with jaxgan.Checkpointer(str(tmp_path / 'processes_ckpt')) as ckpt:
+    g, d, key, meta = ckpt.restore(*templates)
+  assert meta == {'processes': 2} and int(g.step) == 4
+  restored = {jax.tree_util.keystr(p): np.asarray(v) for p, v in
+              jax.tree_util.tree_flatten_with_path((g, d))[0]}
+  with np.load(out) as multi:
+    for name, value in restored.items():
+      np.testing.assert_array_equal(value, multi[name], err_msg=name)
+  np.testing.assert_array_equal(jax.random.key_data(key),
+                                jax.random.key_data(jax.random.key(2)))
+
+
+def test_one_device_mesh_is_the_plain_path(states, real_batch):
+  mesh = parallel.make_mesh()
+  assert parallel.num_shards(mesh) == jax.device_count() == 1
+  step = parallel.train_step(mesh)
+  batch = np.asarray(real_batch)
+  key = jax.random.key(3)
+  copies = jax.tree.map(np.array, states)
+  g1, d1, m1 = step(*parallel.replicate(copies, mesh),
+                    parallel.shard_batch(batch, mesh), key)
+  g2, d2, m2 = jaxgan.train_step(*parallel.replicate(copies, mesh), batch,
+                                 key)
+  for a, b in zip(jax.tree.leaves((g1, d1, m1)), jax.tree.leaves((g2, d2, m2))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_sharded_epoch_order_shuffles_each_block_alone():
+  order = np.asarray(jaxgan.epoch_permutation(jax.random.key(0), 2, 40, 4))
+  assert order.shape == (4, 10)
+  for row in order:
+    assert sorted(row.tolist()) == list(range(10))
+  assert not all(np.array_equal(order[0], row) for row in order[1:])
+  single = jaxgan.epoch_permutation(jax.random.key(0), 2, 40)
+  assert sorted(np.asarray(single).tolist()) == list(range(40))
+
+
+def test_uneven_shards_are_refused(states):
+  images = np.zeros((100, 28, 28, 1), np.uint8)
+  with pytest.raises(ValueError, match='multiples of 8'):
+    jaxgan.train_loop(*jax.tree.map(np.array, states), images,
+                      jax.random.key(0), num_steps=1, batch_size=64,
+                      num_shards=8)
+
+
+def test_batch_and_process_checks():
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(64, mesh)
+  assert parallel.process_rows(60_001, mesh) == (0, 60_001)
+  with pytest.raises(jaxgan.JaxganError, match='needs the coordinator'):
+    parallel.initialize(num_processes=2)
+  with pytest.raises(jaxgan.JaxganError, match='process_id must be in'):
+    parallel.initialize('127.0.0.1:1', 2, 5)
+  assert parallel.initialize() is False
