@@ -184,13 +184,15 @@ class Run:
     self.best = Checkpointer(os.path.join(self.workdir, 'best'),
                              max_to_keep=1)
     self.logger = None
+    self.restored_step = None
 
   def restore_or_init(self, require: bool):
     """Returns (config, state_g, state_d, run_key, meta).
 
     Restores the newest checkpoint that reads back whole. A damaged one (a
-    truncated or corrupted file) is reported and the one before it is used;
-    a checkpoint of another configuration is refused outright.
+    truncated or corrupted file) is reported, moved to `damaged/` in the
+    workdir (nothing is deleted) and the one before it is used; a checkpoint
+    of another configuration is refused outright. Sets `restored_step`.
     """
     steps = self.checkpointer.all_steps()
     if not steps:
@@ -221,10 +223,14 @@ class Run:
         failures.append((step, e))
         continue
       for bad_step, error in failures:
+        moved = self.checkpointer.set_aside(
+            bad_step, os.path.join(self.workdir, 'damaged'))
         print(f'warning: checkpoint {bad_step} in '
-              f'{self.checkpointer.directory} is damaged and was skipped '
+              f'{self.checkpointer.directory} is damaged '
               f'({type(error).__name__}: {str(error).splitlines()[0][:300]}); '
-              f'resuming from checkpoint {step}.', file=sys.stderr)
+              f'moved it to {moved} and resuming from checkpoint {step}.',
+              file=sys.stderr)
+      self.restored_step = step
       if FLAGS['seed'].present and FLAGS.seed != meta.get('seed'):
         print(f'warning: resuming with the checkpoint\'s seed '
               f'{meta.get("seed")}; --seed={FLAGS.seed} is ignored.',
@@ -249,6 +255,8 @@ class Run:
     # resumes from the previous latest one and repeats this evaluation.
     if best and step not in self.best.all_steps():
       self.best.save(step, state_g, state_d, run_key, meta)
+      # The two managers commit in background threads of their own.
+      self.best.wait_until_finished()
     self.checkpointer.save(step, state_g, state_d, run_key, meta)
     return step
 
@@ -351,7 +359,9 @@ class _StopRequest:
   def _handle(self, signum, frame) -> None:
     del frame
     if self.signum is not None:
-      raise KeyboardInterrupt
+      print(f'{signal.Signals(signum).name} again: stopping now, without a '
+            'checkpoint; the last saved one is intact.', file=sys.stderr)
+      os._exit(128 + signum)  # pylint: disable=protected-access
     self.signum = signum
     tqdm.write(f'{signal.Signals(signum).name} received: finishing the step '
                'in flight and saving a checkpoint (send it again to stop '
@@ -546,6 +556,16 @@ def _write_json(path: str, value) -> None:
   os.replace(tmp, path)
 
 
+def _write_eval_summary(run: Run, meta: dict, epoch: int, step: int,
+                        result: metrics_lib.EvalResult) -> None:
+  """eval_summary.json: the latest evaluation and the best so far."""
+  _write_json(os.path.join(run.workdir, 'eval_summary.json'), {
+      'final': {'epoch': epoch, 'step': step, **result.to_dict()},
+      'best': {'fcd': meta['best_fcd'], 'epoch': meta['best_epoch'],
+               'step': meta['best_step'], 'checkpoint': os.path.join(
+                   run.best.directory, str(meta['best_step']))}})
+
+
 def train_phase(run: Run) -> None:
   (config, state_g, state_d, run_key, meta, images_np, spe,
    step) = _start_phase(run, 'train', require_checkpoint=False)
@@ -625,16 +645,19 @@ def train_phase(run: Run) -> None:
         is_best = (meta.get('best_fcd') is None
                    or last_eval.fcd < meta['best_fcd'])
         if is_best:
+          # Named like the checkpoint folder: D's update count.
           meta.update(best_fcd=last_eval.fcd, best_epoch=done,
-                      best_step=done * spe)
+                      best_step=int(state_d.step))
+        _write_eval_summary(run, meta, done, int(state_d.step), last_eval)
         eval_note = (f'  FCD {last_eval.fcd:.3f}'
                      f'{" (best)" if is_best else ""}  score '
                      f'{last_eval.classifier_score:.2f}  digits '
                      f'{last_eval.classes_present}')
       meta['train_epoch'] = done
       meta['train_partial_epoch'] = None
-      run.save(state_g, state_d, run_key, meta, best=is_best)
+      # Logged before the checkpoint: a resume trims what it does not cover.
       run.logger.log_epoch(record)
+      run.save(state_g, state_d, run_key, meta, best=is_best)
       plot_losses(run.logger.read_steps('train'),
                   os.path.join(run.workdir, 'losses.png'), 'DCGAN on MNIST')
       tqdm.write(f'epoch {done:3d}: d_loss {record["d_loss"]:.4f}  g_loss '
@@ -653,17 +676,11 @@ def train_phase(run: Run) -> None:
         f'{os.path.join(run.workdir, "samples")}, checkpoint '
         f'{run.checkpointer.latest_step()}.')
   if last_eval is not None:
-    best = {'fcd': meta['best_fcd'], 'epoch': meta['best_epoch'],
-            'step': meta['best_step'], 'checkpoint': os.path.join(
-                run.best.directory, str(meta['best_step']))}
-    _write_json(os.path.join(run.workdir, 'eval_summary.json'), {
-        'final': {'epoch': FLAGS.num_epochs, 'step': FLAGS.num_epochs * spe,
-                  **last_eval.to_dict()},
-        'best': best})
     print(f'Final FCD {last_eval.fcd:.3f}, classifier score '
           f'{last_eval.classifier_score:.2f}, {last_eval.classes_present} '
-          f'digits present; best FCD {best["fcd"]:.3f} at epoch '
-          f'{best["epoch"]} ({best["checkpoint"]}).')
+          f'digits present; best FCD {meta["best_fcd"]:.3f} at epoch '
+          f'{meta["best_epoch"]} ({run.best.directory}/'
+          f'{meta["best_step"]}).')
 
 
 def discriminator_phase(run: Run) -> None:
@@ -720,8 +737,8 @@ def discriminator_phase(run: Run) -> None:
                              time.time() - epoch_start)
       meta['discriminator_epoch'] = done
       meta['discriminator_partial_epoch'] = None
-      run.save(state_g, state_d, run_key, meta)
       run.logger.log_epoch(record)
+      run.save(state_g, state_d, run_key, meta)
       tqdm.write(f'D epoch {done:3d}: d_loss {record["d_loss"]:.4f}  '
                  f'D(x) {record["d_real"]:.3f}  D(G(z)) '
                  f'{record["d_fake"]:.3f}')
@@ -778,7 +795,7 @@ def test_phase(run: Run) -> None:
     sets = {'generated': sets.pop('generated'),
             'best_generated': _generate(best_g, key, num), **sets}
   summary = {
-      'checkpoint_step': run.checkpointer.latest_step(),
+      'checkpoint_step': run.restored_step,
       'best_checkpoint_step': best_step,
       'train_epochs': meta.get('train_epoch'),
       'discriminator_epochs': meta.get('discriminator_epoch'),

@@ -3,13 +3,16 @@
 Each checkpoint is a step folder written by `orbax.checkpoint`: it is built
 under a temporary name and renamed when complete, so an interrupted save never
 replaces the previous checkpoint, and restore only ever sees finished ones.
-The metadata holds a sha256 of every array saved; restore recomputes it, so
-a checkpoint damaged on disk is refused instead of silently resuming from
-wrong numbers.
+The metadata holds a sha256 of every array saved and of the metadata
+itself; restore recomputes it, so a checkpoint damaged on disk is refused
+instead of silently resuming from wrong numbers.
 """
 
 import hashlib
+import json
 import os
+import shutil
+import time
 from typing import Any
 
 import flax.serialization
@@ -31,9 +34,10 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def _digest(tree: Any) -> str:
-  """sha256 over every leaf's path, dtype, shape and bytes (host copies)."""
-  digest = hashlib.sha256()
+def _digest(tree: Any, meta: dict[str, Any]) -> str:
+  """sha256 over the metadata (canonical JSON) and every leaf's path, dtype,
+  shape and bytes."""
+  digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     array = np.asarray(leaf)
     digest.update(f'{jax.tree_util.keystr(path)}|{array.dtype}|'
@@ -104,7 +108,7 @@ class Checkpointer:
         state_d=ocp.args.StandardSave(trees['state_d']),
         key=ocp.args.StandardSave(trees['key']),
         meta=ocp.args.JsonSave({**meta, 'key_impl': str(
-            jax.random.key_impl(key)), _DIGEST: _digest(trees)})))
+            jax.random.key_impl(key)), _DIGEST: _digest(trees, meta)})))
 
   def read_meta(self, step: int | None = None) -> dict[str, Any]:
     """Reads only the metadata of a checkpoint (the latest if None).
@@ -163,13 +167,15 @@ class Checkpointer:
           meta=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointError(
-          f'Checkpoint {step} in {self.directory} does not fit this model '
-          f'and optimiser ({type(e).__name__}: {e}). Use the config it was '
-          f'written with, or another workdir.') from e
+          f'Checkpoint {step} in {self.directory} is unreadable or does not '
+          f'fit this model and optimiser ({type(e).__name__}: '
+          f'{str(e)[:500]}). If it was written with another config, use that '
+          'config or another workdir.') from e
     meta = dict(restored['meta'])
     saved_digest = meta.pop(_DIGEST, None)
     trees = {name: restored[name] for name in ('state_g', 'state_d', 'key')}
-    if saved_digest is not None and _digest(trees) != saved_digest:
+    unhashed = {k: v for k, v in meta.items() if k != 'key_impl'}
+    if saved_digest is not None and _digest(trees, unhashed) != saved_digest:
       raise CheckpointError(
           f'Checkpoint {step} in {self.directory} is damaged: its arrays do '
           'not match the sha256 saved with them.')
@@ -178,6 +184,22 @@ class Checkpointer:
     return (flax.serialization.from_state_dict(state_g, restored['state_g']),
             flax.serialization.from_state_dict(state_d, restored['state_d']),
             key, meta)
+
+  def set_aside(self, step: int, destination: str) -> str:
+    """Moves a (damaged) checkpoint out of the directory, keeping its files.
+
+    Later saves of the same step then start afresh, and `latest_step` no
+    longer returns it.
+
+    Returns:
+      Where the checkpoint's folder now is.
+    """
+    self._manager.wait_until_finished()
+    target = os.path.join(destination, f'{step}.{time.strftime("%Y%m%d-%H%M%S")}')
+    os.makedirs(destination, exist_ok=True)
+    shutil.move(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
+    return target
 
   def wait_until_finished(self) -> None:
     """Blocks until background saves are on disk."""

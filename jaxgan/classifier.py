@@ -132,6 +132,11 @@ def load_classifier(directory: str = ASSET_DIR) -> Classifier:
         f'Cannot read the MNIST classifier in {directory}: {e.strerror} '
         f'({e.filename}). Reinstall jaxgan, or recreate the weights with '
         'examples/mnist_classifier.py --phase=train.') from None
+  except ValueError as e:  # json.JSONDecodeError
+    raise JaxganError(
+        f'{info_path} is not valid JSON ({e}). Reinstall jaxgan, or recreate '
+        'the weights with examples/mnist_classifier.py --phase=train.'
+    ) from None
   if _sha256(data) != info.get('weights_sha256'):
     raise JaxganError(
         f'{weights_path} does not match the sha256 recorded in {info_path}; '

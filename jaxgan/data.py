@@ -10,6 +10,7 @@ Preparation takes the four original IDX files from `mnist_dir` when given
 import os
 import socket
 import threading
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -168,7 +169,7 @@ def load_mnist(split: str = 'train', *, data_dir: str | None = None,
       try:
         with np.load(cache) as arrays:
           return arrays['images'], arrays['labels']
-      except (OSError, ValueError, KeyError):
+      except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         pass  # A damaged cache is rebuilt below.
   source = tfds.data_source('mnist', split=split, data_dir=data_dir,
                             download=False)

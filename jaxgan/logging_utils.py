@@ -25,18 +25,31 @@ def truncate_log(path: str, keep) -> None:
   if path.endswith('.csv'):
     with open(path, newline='') as f:
       rows = list(csv.DictReader(f))
-    kept = [r for r in rows if keep(r)]
+    kept = [r for r in rows if _kept(keep, r)]
     if len(kept) == len(rows):
       return
     _atomic_write(path, lambda f: _write_csv(f, kept))
   else:
     with open(path) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
-    kept = [r for r in rows if keep(r)]
+      rows = []
+      for line in f:
+        try:
+          rows.append(json.loads(line))
+        except ValueError:
+          rows.append(None)  # A line cut short by a crash.
+    kept = [r for r in rows if r is not None and _kept(keep, r)]
     if len(kept) == len(rows):
       return
     _atomic_write(path, lambda f: f.writelines(
         json.dumps(r) + '\n' for r in kept))
+
+
+def _kept(keep, row) -> bool:
+  """keep(row), with rows cut short by a crash (missing fields) dropped."""
+  try:
+    return bool(keep(row))
+  except (KeyError, TypeError, ValueError):
+    return False
 
 
 def _write_csv(f, rows) -> None:

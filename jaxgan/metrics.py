@@ -27,6 +27,7 @@ Example:
 
 import functools
 import os
+import zipfile
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -443,14 +444,19 @@ def mnist_reference_statistics(split: str = 'test', *,
   if cache_dir is None:
     cache_dir = data.cache_dir(data_dir, mnist_dir)
   path = None
-  if cache_dir is not None:
+  # Without a recorded weights hash, different weights could share a file.
+  if cache_dir is not None and 'weights_sha256' in classifier.info:
     safe_split = ''.join(c if c.isalnum() else '_' for c in split)
-    digest = classifier.info.get('weights_sha256', 'unknown')[:16]
+    digest = classifier.info['weights_sha256'][:16]
     path = os.path.join(cache_dir, f'fcd_stats_{safe_split}_{digest}.npz')
     if os.path.isfile(path):
       try:
-        return FeatureStatistics.load(path)
-      except (OSError, ValueError, KeyError):
+        cached = FeatureStatistics.load(path)
+        features = classifier.module.features
+        if (cached.mean.shape == (features,)
+            and cached.covariance.shape == (features, features)):
+          return cached
+      except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         pass  # A damaged cache is rebuilt below.
   images, _ = data.load_mnist(split, data_dir=data_dir, mnist_dir=mnist_dir)
   statistics = image_statistics(images, classifier=classifier)

@@ -264,8 +264,18 @@ def test_reference_statistics_are_cached(mnist_data_dir):
   cache = jaxgan.data.cache_dir(mnist_data_dir)
   names = [n for n in os.listdir(cache) if n.startswith('fcd_stats_test_')]
   assert len(names) == 1
-  second = metrics.mnist_reference_statistics(data_dir=mnist_data_dir)
-  np.testing.assert_array_equal(first.covariance, second.covariance)
+  path = os.path.join(cache, names[0])
+  # The second call reads the file: a marked copy comes back.
+  marked = first._replace(count=12345)
+  marked.save(path)
+  assert metrics.mnist_reference_statistics(
+      data_dir=mnist_data_dir).count == 12345
+  # A damaged file is rebuilt, not a crash.
+  with open(path, 'wb') as f:
+    f.write(b'PK\x03\x04 truncated')
+  rebuilt = metrics.mnist_reference_statistics(data_dir=mnist_data_dir)
+  assert rebuilt.count == 10_000
+  np.testing.assert_array_equal(rebuilt.covariance, first.covariance)
 
 
 def test_evaluate_a_sampler_in_batches_equals_the_array(mnist_data_dir):

@@ -31,7 +31,7 @@ def _flags(workdir, data_dir):
   return [f'--workdir={workdir}', f'--data_dir={data_dir}',
           '--steps_per_epoch=6', '--num_epochs=3', '--eval_samples=200',
           '--checkpoint_every_steps=4', '--keep_checkpoints=2',
-          '--noprogress']
+          '--steps_per_call=1', '--noprogress']
 
 
 def _command(flags, prelude=''):
@@ -107,23 +107,48 @@ def reference_run(tmp_path_factory, mnist_data_dir):
   return workdir
 
 
+def _logged_steps(workdir) -> int:
+  try:
+    with open(os.path.join(workdir, 'steps.csv')) as f:
+      return max(len(f.readlines()) - 1, 0)
+  except OSError:
+    return 0
+
+
+def _checkpoint_steps(workdir) -> list[int]:
+  folder = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+
+
 @pytest.mark.slow
-def test_sigkill_at_random_moments_then_resume_is_bit_exact(
+def test_sigkill_at_random_points_then_resume_is_bit_exact(
     tmp_path, mnist_data_dir, reference_run):
+  """Kills during start-up, then after random numbers of logged steps."""
   workdir = str(tmp_path / 'run')
   flags = _flags(workdir, mnist_data_dir)
   rng = random.Random(1234)
-  kills = 0
-  for _ in range(4):
+  targets = sorted(rng.sample(range(2, 18), 3))
+  seen_checkpoints = set()
+  process = _start(flags)
+  time.sleep(rng.uniform(0.5, 3.0))
+  process.send_signal(signal.SIGKILL)
+  process.communicate(timeout=60)
+  for target in targets:
     process = _start(flags)
-    time.sleep(rng.uniform(5.0, 14.0))
-    if process.poll() is None:
-      process.send_signal(signal.SIGKILL)
-      kills += 1
+    deadline = time.time() + 300
+    while _logged_steps(workdir) < target and process.poll() is None:
+      assert time.time() < deadline
+      time.sleep(0.01)
+    assert process.poll() is None, 'the run ended before the kill point'
+    process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
-  assert kills >= 3
+    seen_checkpoints.update(_checkpoint_steps(workdir))
+  # Some kills came after mid-epoch checkpoints (epochs end at 6, 12, 18).
+  assert any(step % 6 for step in seen_checkpoints), seen_checkpoints
   final = _run(flags)
-  assert 'Done: 3 epochs' in final.stdout or 'Already trained' in final.stdout
+  assert 'Done: 3 epochs' in final.stdout
   _assert_same_run(reference_run, workdir)
 
 
@@ -174,7 +199,18 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(
   assert 'checkpoint 18' in result.stderr and 'damaged' in result.stderr
   assert 'resuming from checkpoint 16' in result.stderr
   with open(os.path.join(workdir, 'test', 'summary.json')) as f:
-    assert json.load(f)['train_epochs'] == 2
+    summary = json.load(f)
+  assert summary['train_epochs'] == 2 and summary['checkpoint_step'] == 16
+  # The damaged checkpoint is kept aside, not deleted.
+  aside = os.listdir(os.path.join(workdir, 'damaged'))
+  assert len(aside) == 1 and aside[0].startswith('18.')
+  assert _checkpoint_steps(workdir) == [16]
+
+  # Training resumes from 16 and writes step 18 afresh: the same result as
+  # the run that was never damaged.
+  resumed = _run(_flags(workdir, mnist_data_dir))
+  assert 'Done: 3 epochs' in resumed.stdout
+  _assert_same_state(reference_run, workdir)
 
 
 _POISON = '''
