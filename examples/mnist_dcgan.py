@@ -566,6 +566,71 @@ def _write_eval_summary(run: Run, meta: dict, epoch: int, step: int,
                    run.best.directory, str(meta['best_step']))}})
 
 
+class _Phase:
+  """The epochs of the train or discriminator phase, with their states.
+
+  Runs each epoch in chunks (`_run_epoch`), with mid-epoch checkpoints, stops
+  on SIGINT/SIGTERM, and the divergence policy; the phase function does the
+  end-of-epoch work (evaluation, logs, checkpoint) between epochs.
+
+  Attributes:
+    state_g, state_d, run_key, meta: the current states and checkpoint data.
+    loop_key: the loop key of the phase (changes after a rollback).
+    step: steps of the phase done.
+  """
+
+  def __init__(self, run: Run, config: DCGANConfig, phase: str, stream: int,
+               spe: int, states, run_key, meta: dict, step: int, dispatch):
+    """`dispatch(phase, num_steps, first_step)` runs one call: it reads and
+    replaces `phase.state_g` / `phase.state_d`, and returns the metrics."""
+    self.run, self.config, self.phase, self.stream = run, config, phase, stream
+    self.spe = spe
+    self.state_g, self.state_d = states
+    self.run_key, self.meta, self.step = run_key, meta, step
+    self.loop_key = _loop_key(run_key, stream, meta)
+    self._dispatch = dispatch
+
+  def _checkpoint(self, metrics_so_far: dict) -> None:
+    self.meta[f'{self.phase}_partial_epoch'] = {
+        k: v.tolist() for k, v in metrics_so_far.items()}
+    self.run.save(self.state_g, self.state_d, self.run_key, self.meta)
+
+  def epochs(self, num_epochs: int, chunk: int, label: str):
+    """Yields `(epochs_done, record)` after each epoch.
+
+    The caller saves the checkpoint before asking for the next epoch; a stop
+    requested by a signal is then raised as `_Stopped`.
+    """
+    spe, phase = self.spe, self.phase
+    rollbacks = 0
+    with _StopRequest() as stop:
+      while self.step < num_epochs * spe:
+        epoch, start = divmod(self.step, spe)
+        epoch_start = time.time()
+        try:
+          metrics = _run_epoch(
+              lambda size, first: self._dispatch(self, size, first), epoch,
+              start, spe, chunk, f'{label} {epoch + 1}/{num_epochs}',
+              self.run.logger, phase,
+              _partial_metrics(self.meta, phase) if start else None,
+              self._checkpoint, stop)
+        except _Diverged as diverged:
+          (self.state_g, self.state_d, self.run_key, self.meta,
+           self.step) = _handle_divergence(self.run, self.config, diverged,
+                                           phase, spe, rollbacks)
+          rollbacks += 1
+          self.loop_key = _loop_key(self.run_key, self.stream, self.meta)
+          continue
+        done = epoch + 1
+        self.meta[f'{phase}_epoch'] = done
+        self.meta[f'{phase}_partial_epoch'] = None
+        yield done, _epoch_record(phase, done, spe, metrics, spe - start,
+                                  time.time() - epoch_start)
+        self.step = done * spe
+        if stop.requested and self.step < num_epochs * spe:
+          raise _Stopped(stop.signum, self.step)
+
+
 def train_phase(run: Run) -> None:
   (config, state_g, state_d, run_key, meta, images_np, spe,
    step) = _start_phase(run, 'train', require_checkpoint=False)
@@ -591,82 +656,55 @@ def train_phase(run: Run) -> None:
         f'({spe} steps of {config.batch_size} images each, {chunk} per call'
         f'{resumed}) on {jax.devices()[0].platform.upper()}; workdir '
         f'{run.workdir}')
-  loop_key = _loop_key(run_key, _TRAIN, meta)
 
-  def loop(size, first_step):
-    nonlocal state_g, state_d
+  def dispatch(phase, size, first_step):
     del first_step  # train_loop continues at state_g.step.
-    state_g, state_d, metrics = jaxgan.train_loop(
-        state_g, state_d, images, loop_key, num_steps=size,
+    phase.state_g, phase.state_d, metrics = jaxgan.train_loop(
+        phase.state_g, phase.state_d, images, phase.loop_key, num_steps=size,
         batch_size=config.batch_size, steps_per_epoch=spe, loss=loss)
     return metrics
 
-  def checkpoint(metrics_so_far):
-    meta['train_partial_epoch'] = {k: v.tolist()
-                                   for k, v in metrics_so_far.items()}
-    run.save(state_g, state_d, run_key, meta)
-
+  phase = _Phase(run, config, 'train', _TRAIN, spe, (state_g, state_d),
+                 run_key, meta, step, dispatch)
+  del state_g, state_d, meta  # From here on they live in `phase`.
   start_time = time.time()
-  rollbacks = 0
-  with _StopRequest() as stop:
-    while step < FLAGS.num_epochs * spe:
-      epoch, start = divmod(step, spe)
-      epoch_start = time.time()
-      try:
-        metrics = _run_epoch(
-            loop, epoch, start, spe, chunk,
-            f'epoch {epoch + 1}/{FLAGS.num_epochs}', run.logger, 'train',
-            _partial_metrics(meta, 'train') if start else None, checkpoint,
-            stop)
-      except _Diverged as diverged:
-        state_g, state_d, run_key, meta, step = _handle_divergence(
-            run, config, diverged, 'train', spe, rollbacks)
-        rollbacks += 1
-        loop_key = _loop_key(run_key, _TRAIN, meta)
-        continue
-      done = epoch + 1
-      record = _epoch_record('train', done, spe, metrics, spe - start,
-                             time.time() - epoch_start)
-      if done % FLAGS.sample_every_epochs == 0 or done == FLAGS.num_epochs:
-        _save_grid(run, state_g, noise, f'epoch_{done:03d}.png', done * spe)
-      is_best = False
-      eval_note = ''
-      if _eval_due(done):
-        eval_start = time.time()
-        last_eval = metrics_lib.evaluate(
-            lambda key, num: jaxgan.sample(state_g, key, num), reference,
-            num_samples=FLAGS.eval_samples, key=eval_key,
-            batch_size=_EVAL_BATCH)
-        record.update({name: getattr(last_eval, name)
-                       for name in _EVAL_FIELDS})
-        record['class_histogram'] = list(last_eval.class_histogram)
-        record['eval_samples'] = last_eval.num_images
-        record['eval_seconds'] = time.time() - eval_start
-        is_best = (meta.get('best_fcd') is None
-                   or last_eval.fcd < meta['best_fcd'])
-        if is_best:
-          # Named like the checkpoint folder: D's update count.
-          meta.update(best_fcd=last_eval.fcd, best_epoch=done,
-                      best_step=int(state_d.step))
-        _write_eval_summary(run, meta, done, int(state_d.step), last_eval)
-        eval_note = (f'  FCD {last_eval.fcd:.3f}'
-                     f'{" (best)" if is_best else ""}  score '
-                     f'{last_eval.classifier_score:.2f}  digits '
-                     f'{last_eval.classes_present}')
-      meta['train_epoch'] = done
-      meta['train_partial_epoch'] = None
-      # Logged before the checkpoint: a resume trims what it does not cover.
-      run.logger.log_epoch(record)
-      run.save(state_g, state_d, run_key, meta, best=is_best)
-      plot_losses(run.logger.read_steps('train'),
-                  os.path.join(run.workdir, 'losses.png'), 'DCGAN on MNIST')
-      tqdm.write(f'epoch {done:3d}: d_loss {record["d_loss"]:.4f}  g_loss '
-                 f'{record["g_loss"]:.4f}  D(x) {record["d_real"]:.3f}  '
-                 f'D(G(z)) {record["d_fake"]:.3f}  '
-                 f'{record["steps_per_sec"]:.1f} steps/s{eval_note}')
-      step = done * spe
-      if stop.requested and step < FLAGS.num_epochs * spe:
-        raise _Stopped(stop.signum, step)
+  for done, record in phase.epochs(FLAGS.num_epochs, chunk, 'epoch'):
+    if done % FLAGS.sample_every_epochs == 0 or done == FLAGS.num_epochs:
+      _save_grid(run, phase.state_g, noise, f'epoch_{done:03d}.png',
+                 done * spe)
+    is_best = False
+    eval_note = ''
+    if _eval_due(done):
+      eval_start = time.time()
+      last_eval = metrics_lib.evaluate(
+          lambda key, num: jaxgan.sample(phase.state_g, key, num), reference,
+          num_samples=FLAGS.eval_samples, key=eval_key,
+          batch_size=_EVAL_BATCH)
+      record.update({name: getattr(last_eval, name)
+                     for name in _EVAL_FIELDS})
+      record['class_histogram'] = list(last_eval.class_histogram)
+      record['eval_samples'] = last_eval.num_images
+      record['eval_seconds'] = time.time() - eval_start
+      meta = phase.meta
+      is_best = meta.get('best_fcd') is None or last_eval.fcd < meta['best_fcd']
+      if is_best:
+        # Named like the checkpoint folder: D's update count.
+        meta.update(best_fcd=last_eval.fcd, best_epoch=done,
+                    best_step=int(phase.state_d.step))
+      _write_eval_summary(run, meta, done, int(phase.state_d.step), last_eval)
+      eval_note = (f'  FCD {last_eval.fcd:.3f}{" (best)" if is_best else ""}'
+                   f'  score {last_eval.classifier_score:.2f}  digits '
+                   f'{last_eval.classes_present}')
+    # Logged before the checkpoint: a resume trims what it does not cover.
+    run.logger.log_epoch(record)
+    run.save(phase.state_g, phase.state_d, phase.run_key, phase.meta,
+             best=is_best)
+    plot_losses(run.logger.read_steps('train'),
+                os.path.join(run.workdir, 'losses.png'), 'DCGAN on MNIST')
+    tqdm.write(f'epoch {done:3d}: d_loss {record["d_loss"]:.4f}  g_loss '
+               f'{record["g_loss"]:.4f}  D(x) {record["d_real"]:.3f}  '
+               f'D(G(z)) {record["d_fake"]:.3f}  '
+               f'{record["steps_per_sec"]:.1f} steps/s{eval_note}')
   run.checkpointer.wait_until_finished()
   run.best.wait_until_finished()
   print(f'Done: {FLAGS.num_epochs} epochs, {FLAGS.num_epochs * spe} steps in '
@@ -676,6 +714,7 @@ def train_phase(run: Run) -> None:
         f'{os.path.join(run.workdir, "samples")}, checkpoint '
         f'{run.checkpointer.latest_step()}.')
   if last_eval is not None:
+    meta = phase.meta
     print(f'Final FCD {last_eval.fcd:.3f}, classifier score '
           f'{last_eval.classifier_score:.2f}, {last_eval.classes_present} '
           f'digits present; best FCD {meta["best_fcd"]:.3f} at epoch '
@@ -698,53 +737,24 @@ def discriminator_phase(run: Run) -> None:
   print(f'Training the discriminator alone, epochs {step // spe + 1}..'
         f'{FLAGS.num_epochs} ({spe} steps each{resumed}); the generator is '
         'frozen.')
-  loop_key = _loop_key(run_key, _DISCRIMINATOR, meta)
 
-  def loop(size, first_step):
-    nonlocal state_d
-    state_d, metrics = jaxgan.discriminator_loop(
-        state_g, state_d, images, loop_key, jnp.int32(first_step),
-        num_steps=size, batch_size=config.batch_size, steps_per_epoch=spe,
-        loss=loss)
+  def dispatch(phase, size, first_step):
+    phase.state_d, metrics = jaxgan.discriminator_loop(
+        phase.state_g, phase.state_d, images, phase.loop_key,
+        jnp.int32(first_step), num_steps=size, batch_size=config.batch_size,
+        steps_per_epoch=spe, loss=loss)
     return metrics
 
-  def checkpoint(metrics_so_far):
-    meta['discriminator_partial_epoch'] = {
-        k: v.tolist() for k, v in metrics_so_far.items()}
-    run.save(state_g, state_d, run_key, meta)
-
-  rollbacks = 0
+  phase = _Phase(run, config, 'discriminator', _DISCRIMINATOR, spe,
+                 (state_g, state_d), run_key, meta, step, dispatch)
+  del state_g, state_d, meta  # From here on they live in `phase`.
   record = None
-  with _StopRequest() as stop:
-    while step < FLAGS.num_epochs * spe:
-      epoch, start = divmod(step, spe)
-      epoch_start = time.time()
-      try:
-        metrics = _run_epoch(
-            loop, epoch, start, spe, chunk,
-            f'D epoch {epoch + 1}/{FLAGS.num_epochs}', run.logger,
-            'discriminator',
-            _partial_metrics(meta, 'discriminator') if start else None,
-            checkpoint, stop)
-      except _Diverged as diverged:
-        state_g, state_d, run_key, meta, step = _handle_divergence(
-            run, config, diverged, 'discriminator', spe, rollbacks)
-        rollbacks += 1
-        loop_key = _loop_key(run_key, _DISCRIMINATOR, meta)
-        continue
-      done = epoch + 1
-      record = _epoch_record('discriminator', done, spe, metrics, spe - start,
-                             time.time() - epoch_start)
-      meta['discriminator_epoch'] = done
-      meta['discriminator_partial_epoch'] = None
-      run.logger.log_epoch(record)
-      run.save(state_g, state_d, run_key, meta)
-      tqdm.write(f'D epoch {done:3d}: d_loss {record["d_loss"]:.4f}  '
-                 f'D(x) {record["d_real"]:.3f}  D(G(z)) '
-                 f'{record["d_fake"]:.3f}')
-      step = done * spe
-      if stop.requested and step < FLAGS.num_epochs * spe:
-        raise _Stopped(stop.signum, step)
+  for done, record in phase.epochs(FLAGS.num_epochs, chunk, 'D epoch'):
+    run.logger.log_epoch(record)
+    run.save(phase.state_g, phase.state_d, phase.run_key, phase.meta)
+    tqdm.write(f'D epoch {done:3d}: d_loss {record["d_loss"]:.4f}  '
+               f'D(x) {record["d_real"]:.3f}  D(G(z)) '
+               f'{record["d_fake"]:.3f}')
   run.checkpointer.wait_until_finished()
   print(f'Done: the discriminator trained {FLAGS.num_epochs} epochs alone; '
         f'final d_loss {record["d_loss"]:.4f}, D(x) {record["d_real"]:.3f}, '

@@ -4,6 +4,7 @@ from jaxgan import classifier
 from jaxgan import data
 from jaxgan import images
 from jaxgan import metrics
+from jaxgan import parallel
 from jaxgan.checkpoint import Checkpointer
 from jaxgan.config import DCGANConfig
 from jaxgan.data import load_mnist
@@ -12,17 +13,17 @@ from jaxgan.errors import CheckpointError
 from jaxgan.errors import DataError
 from jaxgan.errors import JaxganError
 
-from jaxgan.metrics import EvalResult
-from jaxgan.metrics import FeatureStatistics
-from jaxgan.metrics import evaluate
-from jaxgan.metrics import frechet_distance
-from jaxgan.metrics import mnist_reference_statistics
 from jaxgan.losses import GANLoss
 from jaxgan.losses import NON_SATURATING
 from jaxgan.losses import available_losses
 from jaxgan.losses import get_loss
 from jaxgan.losses import non_saturating_discriminator_loss
 from jaxgan.losses import non_saturating_generator_loss
+from jaxgan.metrics import EvalResult
+from jaxgan.metrics import FeatureStatistics
+from jaxgan.metrics import evaluate
+from jaxgan.metrics import frechet_distance
+from jaxgan.metrics import mnist_reference_statistics
 from jaxgan.models import Discriminator
 from jaxgan.models import Generator
 from jaxgan.models import IMAGE_SHAPE

@@ -28,7 +28,7 @@ Example:
 import functools
 import os
 import zipfile
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -16,7 +16,6 @@ import sys
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
-import jax
 import numpy as np
 import pytest
 
