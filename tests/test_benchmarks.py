@@ -60,3 +60,25 @@ def test_compare_pytorch_runs_with_or_without_torch(tmp_path):
   assert report['pytorch']['eager_steps_per_sec'] > 0
   assert report['ratio_jaxgan_over_eager'] > 0
   assert 'jaxgan (best) / PyTorch eager' in stdout
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_on_two_simulated_devices(tmp_path):
+  out = tmp_path / 'scaling.json'
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'benchmarks', 'scaling.py'),
+       '--devices=1,2', '--per_device_batch=8', '--steps=2', '--trials=2',
+       '--dataset_size=256', f'--json={out}'],
+      capture_output=True, text=True, timeout=600, cwd=REPO,
+      env={**os.environ,
+           'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+  assert result.returncode == 0, result.stderr
+  assert 'efficiency' in result.stdout
+  report = json.loads(out.read_text())
+  assert report['device_count'] == 2
+  rows = report['results']
+  assert [(r['devices'], r['global_batch']) for r in rows] == [(1, 8), (2, 16)]
+  assert all(r['steps_per_sec'] > 0 and r['trials'] == 2 for r in rows)
+  assert rows[0]['efficiency'] == pytest.approx(1.0)
+  assert rows[1]['images_per_sec'] == pytest.approx(
+      rows[1]['steps_per_sec'] * 16)
