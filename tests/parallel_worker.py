@@ -73,6 +73,12 @@ def devices_mode(out):
   np.savez(out.replace('.npz', '_step.npz'),
            **{f'eight/{k}': v for k, v in flat8.items()},
            **{f'one/{k}': v for k, v in flat1.items()})
+  # A global batch that does not split over 8 devices is refused by name.
+  try:
+    parallel.shard_batch(images[:12], mesh)
+    raise AssertionError('a batch of 12 on 8 devices was accepted')
+  except jaxgan.JaxganError as e:
+    assert 'does not divide evenly over the 8 devices' in str(e), e
   # The dataset really is split: each device holds 256 / 8 rows.
   data = parallel.shard_dataset(images, mesh)
   rows = sorted({shard.data.shape[0] for shard in data.addressable_shards})
