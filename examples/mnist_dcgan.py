@@ -800,8 +800,13 @@ def test_phase(run: Run) -> None:
   }
   best_step = run.best.latest_step()
   if best_step is not None:
-    best_g, _, _, _ = run.best.restore(
-        *config.create_train_states(_stream(run_key, _INIT)))
+    try:
+      best_g, _, _, _ = run.best.restore(
+          *config.create_train_states(_stream(run_key, _INIT)))
+    except CheckpointError as e:
+      print(f'warning: skipping the best checkpoint: {e}', file=sys.stderr)
+      best_step = None
+  if best_step is not None:
     sets = {'generated': sets.pop('generated'),
             'best_generated': _generate(best_g, key, num), **sets}
   summary = {
