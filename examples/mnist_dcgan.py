@@ -35,10 +35,11 @@ from tqdm import tqdm
 import jaxgan
 from jaxgan import images as images_lib
 from jaxgan import metrics as metrics_lib
+from jaxgan import parallel
 from jaxgan.checkpoint import Checkpointer
 from jaxgan.config import DCGANConfig
 from jaxgan.data import load_mnist
-from jaxgan.data import to_device
+from jaxgan.data import split_size
 from jaxgan.errors import CheckpointError
 from jaxgan.errors import JaxganError
 from jaxgan.logging_utils import RunLogger
@@ -107,6 +108,12 @@ flags.DEFINE_integer('num_test_samples', 10_000,
                      'Images the test phase generates and evaluates.',
                      lower_bound=2)
 flags.DEFINE_bool('progress', True, 'Show a progress bar.')
+flags.DEFINE_integer('num_processes', None, 'Processes of a multi-host job '
+                     '(default: $JAX_NUM_PROCESSES, else 1).', lower_bound=1)
+flags.DEFINE_integer('process_id', None, 'This process\'s index (default: '
+                     '$JAX_PROCESS_ID).', lower_bound=0)
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 '
+                    '(default: $JAX_COORDINATOR_ADDRESS).')
 flags.mark_flag_as_required('workdir')
 FLAGS = flags.FLAGS
 
@@ -169,7 +176,7 @@ class Run:
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
     try:
       os.makedirs(self.workdir, exist_ok=True)
-      probe = os.path.join(self.workdir, '.write_test')
+      probe = os.path.join(self.workdir, f'.write_test.{os.getpid()}')
       with open(probe, 'w') as f:
         f.write('ok')
       os.remove(probe)
@@ -185,6 +192,9 @@ class Run:
                              max_to_keep=1)
     self.logger = None
     self.restored_step = None
+    # Every device of every process; process 0 writes the files people read.
+    self.mesh = parallel.make_mesh()
+    self.main = parallel.is_main_process()
 
   def restore_or_init(self, require: bool):
     """Returns (config, state_g, state_d, run_key, meta).
@@ -249,7 +259,7 @@ class Run:
     """Saves the latest checkpoint, and first the best one when `best`."""
     # Host copies: the next step donates the device buffers while orbax may
     # still be writing in the background.
-    state_g, state_d = jax.tree.map(np.array, (state_g, state_d))
+    state_g, state_d = parallel.to_host((state_g, state_d))
     step = int(state_d.step)
     # The best checkpoint goes first: a run stopped between the two saves
     # resumes from the previous latest one and repeats this evaluation.
@@ -276,6 +286,18 @@ def _load_split(split: str):
   return images, labels
 
 
+def _load_train(mesh) -> jax.Array:
+  """The training set on the mesh; each process reads only its own rows."""
+  if jax.process_count() == 1:
+    images, _ = _load_split('train')
+    return parallel.shard_dataset(images, mesh)
+  total = split_size('train', data_dir=FLAGS.data_dir,
+                     mnist_dir=FLAGS.mnist_dir)
+  start, end = parallel.process_rows(total, mesh)
+  images, _ = _load_split(f'train[{start}:{end}]')
+  return parallel.shard_dataset(images, mesh, total)
+
+
 def _steps_per_epoch(num_examples: int, batch_size: int, saved: list) -> int:
   """The flag's cap, else the first saved value, else the whole dataset."""
   full = num_examples // batch_size
@@ -295,7 +317,7 @@ def _phase_step(phase: str, state_g, state_d) -> int:
 
 
 def _start_phase(run: Run, phase: str, require_checkpoint: bool):
-  """Restores the run and loads the training set for a phase.
+  """Restores the run and puts the training set on the mesh for a phase.
 
   Args:
     run: the run.
@@ -304,14 +326,17 @@ def _start_phase(run: Run, phase: str, require_checkpoint: bool):
 
   Returns:
     `(config, state_g, state_d, run_key, meta, images, steps_per_epoch,
-    step)`, where `step` counts the steps of the phase already done.
+    step)`: states replicated and images split over the mesh; `step`
+    counts the steps of the phase already done.
   """
   _, spe_key = _PHASE_KEYS[phase]
   config, state_g, state_d, run_key, meta = run.restore_or_init(
       require=require_checkpoint)
-  images, _ = _load_split('train')
-  spe = _steps_per_epoch(len(images), config.batch_size,
+  parallel.check_batch_size(config.batch_size, run.mesh)
+  images = _load_train(run.mesh)
+  spe = _steps_per_epoch(images.shape[0], config.batch_size,
                          [meta.get(spe_key), meta.get('steps_per_epoch')])
+  state_g, state_d = parallel.replicate((state_g, state_d), run.mesh)
   step = _phase_step(phase, state_g, state_d)
   if step and meta.get(spe_key) not in (None, spe):
     raise CheckpointError(
@@ -319,7 +344,7 @@ def _start_phase(run: Run, phase: str, require_checkpoint: bool):
         f'epoch; --steps_per_epoch={FLAGS.steps_per_epoch} would change its '
         'data order. Drop the flag to continue it, or use a new --workdir.')
   meta[spe_key] = spe
-  run.logger = RunLogger(run.workdir)
+  run.logger = RunLogger(run.workdir, enabled=run.main)
   run.logger.forget_after(phase, step, step // spe)
   return config, state_g, state_d, run_key, meta, images, spe, step
 
@@ -515,13 +540,15 @@ def _handle_divergence(run: Run, config: DCGANConfig, diverged: _Diverged,
   return state_g, state_d, run_key, meta, step
 
 
-def _save_grid(run: Run, state_g, noise, name: str, step: int) -> str:
-  picture = images_lib.image_grid(np.asarray(jaxgan.generate(state_g, noise)),
-                                  columns=8)
-  path = images_lib.save_png(
-      picture, os.path.join(run.workdir, 'samples', name), scale=2)
+def _save_grid(run: Run, state_g, noise, name: str, step: int) -> None:
+  if not run.main:
+    return
+  picture = images_lib.image_grid(
+      np.asarray(jaxgan.generate(parallel.to_host(state_g), noise)),
+      columns=8)
+  images_lib.save_png(picture, os.path.join(run.workdir, 'samples', name),
+                      scale=2)
   run.logger.log_image('samples', picture, step)
-  return path
 
 
 def _reference_statistics() -> metrics_lib.FeatureStatistics:
@@ -632,15 +659,13 @@ class _Phase:
 
 
 def train_phase(run: Run) -> None:
-  (config, state_g, state_d, run_key, meta, images_np, spe,
+  (config, state_g, state_d, run_key, meta, images, spe,
    step) = _start_phase(run, 'train', require_checkpoint=False)
   if step >= FLAGS.num_epochs * spe:
     print(f'Already trained {step // spe} epochs in {run.workdir}; raise '
           f'--num_epochs to train more.')
     return
 
-  images = to_device(images_np)
-  del images_np
   noise = jaxgan.sample_noise(_stream(run_key, _SAMPLES), _GRID_SAMPLES,
                               config.noise_dim)
   chunk = _steps_per_call(spe)
@@ -657,9 +682,11 @@ def train_phase(run: Run) -> None:
         f'{resumed}) on {jax.devices()[0].platform.upper()}; workdir '
         f'{run.workdir}')
 
+  train_loop = parallel.train_loop(run.mesh)
+
   def dispatch(phase, size, first_step):
     del first_step  # train_loop continues at state_g.step.
-    phase.state_g, phase.state_d, metrics = jaxgan.train_loop(
+    phase.state_g, phase.state_d, metrics = train_loop(
         phase.state_g, phase.state_d, images, phase.loop_key, num_steps=size,
         batch_size=config.batch_size, steps_per_epoch=spe, loss=loss)
     return metrics
@@ -676,8 +703,11 @@ def train_phase(run: Run) -> None:
     eval_note = ''
     if _eval_due(done):
       eval_start = time.time()
+      # Every process evaluates the same host copy, so all of them take the
+      # same best-checkpoint decision (orbax saves collectively).
+      host_g = parallel.to_host(phase.state_g)
       last_eval = metrics_lib.evaluate(
-          lambda key, num: jaxgan.sample(phase.state_g, key, num), reference,
+          lambda key, num: jaxgan.sample(host_g, key, num), reference,
           num_samples=FLAGS.eval_samples, key=eval_key,
           batch_size=_EVAL_BATCH)
       record.update({name: getattr(last_eval, name)
@@ -691,7 +721,9 @@ def train_phase(run: Run) -> None:
         # Named like the checkpoint folder: D's update count.
         meta.update(best_fcd=last_eval.fcd, best_epoch=done,
                     best_step=int(phase.state_d.step))
-      _write_eval_summary(run, meta, done, int(phase.state_d.step), last_eval)
+      if run.main:
+        _write_eval_summary(run, meta, done, int(phase.state_d.step),
+                            last_eval)
       eval_note = (f'  FCD {last_eval.fcd:.3f}{" (best)" if is_best else ""}'
                    f'  score {last_eval.classifier_score:.2f}  digits '
                    f'{last_eval.classes_present}')
@@ -699,8 +731,9 @@ def train_phase(run: Run) -> None:
     run.logger.log_epoch(record)
     run.save(phase.state_g, phase.state_d, phase.run_key, phase.meta,
              best=is_best)
-    plot_losses(run.logger.read_steps('train'),
-                os.path.join(run.workdir, 'losses.png'), 'DCGAN on MNIST')
+    if run.main:
+      plot_losses(run.logger.read_steps('train'),
+                  os.path.join(run.workdir, 'losses.png'), 'DCGAN on MNIST')
     tqdm.write(f'epoch {done:3d}: d_loss {record["d_loss"]:.4f}  g_loss '
                f'{record["g_loss"]:.4f}  D(x) {record["d_real"]:.3f}  '
                f'D(G(z)) {record["d_fake"]:.3f}  '
@@ -723,14 +756,12 @@ def train_phase(run: Run) -> None:
 
 
 def discriminator_phase(run: Run) -> None:
-  (config, state_g, state_d, run_key, meta, images_np, spe,
+  (config, state_g, state_d, run_key, meta, images, spe,
    step) = _start_phase(run, 'discriminator', require_checkpoint=True)
   if step >= FLAGS.num_epochs * spe:
     print(f'The discriminator already trained {step // spe} epochs alone in '
           f'{run.workdir}; raise --num_epochs to train it more.')
     return
-  images = to_device(images_np)
-  del images_np
   chunk = _steps_per_call(spe)
   loss = config.gan_loss()
   resumed = f', resuming at step {step}' if step % spe else ''
@@ -738,8 +769,10 @@ def discriminator_phase(run: Run) -> None:
         f'{FLAGS.num_epochs} ({spe} steps each{resumed}); the generator is '
         'frozen.')
 
+  discriminator_loop = parallel.discriminator_loop(run.mesh)
+
   def dispatch(phase, size, first_step):
-    phase.state_d, metrics = jaxgan.discriminator_loop(
+    phase.state_d, metrics = discriminator_loop(
         phase.state_g, phase.state_d, images, phase.loop_key,
         jnp.int32(first_step), num_steps=size, batch_size=config.batch_size,
         steps_per_epoch=spe, loss=loss)
@@ -824,6 +857,8 @@ def test_phase(run: Run) -> None:
             images, np.asarray(jaxgan.discriminate(state_d, images))),
     }
     logging.info('Evaluated %s in %.1fs', name, time.time() - start)
+  if not run.main:
+    return
   out_dir = os.path.join(run.workdir, 'test')
   os.makedirs(out_dir, exist_ok=True)
   shown = min(100, num)
@@ -859,6 +894,12 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)
   run = None
   try:
+    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                        FLAGS.process_id)
+    if not parallel.is_main_process():
+      # Process 0 reports; the others stay quiet unless something fails.
+      sys.stdout = open(os.devnull, 'w')  # pylint: disable=consider-using-with
+      FLAGS.progress = False
     run = Run(FLAGS.workdir)
     {'train': train_phase, 'discriminator': discriminator_phase,
      'test': test_phase}[FLAGS.phase](run)

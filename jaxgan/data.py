@@ -119,6 +119,21 @@ def prepare_mnist(data_dir: str | None = None, mnist_dir: str | None = None,
   return builder.data_dir
 
 
+def split_size(split: str = 'train', *, data_dir: str | None = None,
+               mnist_dir: str | None = None,
+               network_timeout: float = 5.0) -> int:
+  """Examples in an MNIST split, from tfds's metadata (no images read).
+
+  Args:
+    split: 'train' or 'test'.
+    data_dir: tfds data directory (see `prepare_mnist`).
+    mnist_dir: folder with the original IDX files, for offline preparation.
+    network_timeout: see `prepare_mnist`.
+  """
+  prepare_mnist(data_dir, mnist_dir, network_timeout=network_timeout)
+  return _builder(data_dir).info.splits[split].num_examples
+
+
 def _read_split(source) -> tuple[np.ndarray, np.ndarray]:
   num = len(source)
   images = np.empty((num, 28, 28, 1), np.uint8)

@@ -79,6 +79,9 @@ def initialize(coordinator_address: str | None = None,
   if not 0 <= process_id < num_processes:
     raise JaxganError(f'process_id must be in [0, {num_processes}), got '
                       f'{process_id}.')
+  # Cross-process collectives on CPU devices go through gloo (GPUs and TPUs
+  # have their own); the setting only affects the CPU client.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
   return True
 

@@ -86,7 +86,6 @@ def devices_mode(out):
 
 
 def process_mode(out, process_id, num_processes, port):
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   parallel.initialize(f'127.0.0.1:{port}', num_processes, process_id)
   mesh = parallel.make_mesh()
   images = _dataset()

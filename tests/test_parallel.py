@@ -138,3 +138,41 @@ def test_batch_and_process_checks():
   with pytest.raises(jaxgan.JaxganError, match='process_id must be in'):
     parallel.initialize('127.0.0.1:1', 2, 5)
   assert parallel.initialize() is False
+
+
+@pytest.mark.slow
+def test_example_on_two_processes_equals_one_process_with_two_devices(
+    tmp_path, mnist_data_dir):
+  example = os.path.join(REPO, 'examples', 'mnist_dcgan.py')
+  common = [f'--data_dir={mnist_data_dir}', '--num_epochs=1',
+            '--steps_per_epoch=3', '--eval_samples=100', '--noprogress']
+  port = _free_port()
+  multi = str(tmp_path / 'multi')
+  processes = [subprocess.Popen(
+      [sys.executable, example, f'--workdir={multi}', *common,
+       '--num_processes=2', f'--process_id={pid}',
+       f'--coordinator_address=127.0.0.1:{port}'],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+               for pid in range(2)]
+  outputs = [_finish(p) for p in processes]
+  assert 'Done: 1 epochs, 3 steps' in outputs[0]
+  # Only process 0 reports (gloo itself may print a connection line).
+  assert 'Training epochs' not in outputs[1] and 'Done' not in outputs[1]
+  single = str(tmp_path / 'single')
+  _finish(subprocess.Popen(
+      [sys.executable, example, f'--workdir={single}', *common],
+      env={**os.environ,
+           'XLA_FLAGS': '--xla_force_host_platform_device_count=2'},
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO))
+  templates = jaxgan.DCGANConfig().create_train_states(jax.random.key(0))
+  restored = []
+  for workdir in (multi, single):
+    with jaxgan.Checkpointer(os.path.join(workdir, 'checkpoints')) as ckpt:
+      restored.append(ckpt.restore(*templates))
+  for a, b in zip(jax.tree.leaves(restored[0][:2]),
+                  jax.tree.leaves(restored[1][:2])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=1e-6)
+  assert restored[0][3] == restored[1][3]
+  for name in ('steps.csv', 'eval_summary.json', 'samples/epoch_001.png'):
+    assert os.path.isfile(os.path.join(multi, name)), name
