@@ -530,6 +530,7 @@ def _handle_divergence(run: Run, config: DCGANConfig, diverged: _Diverged,
         'new randomness.')
   state_g, state_d, run_key, meta = run.checkpointer.restore(
       *config.create_train_states(jax.random.key(0)), step=latest)
+  state_g, state_d = parallel.replicate((state_g, state_d), run.mesh)
   meta['rollbacks'] = meta.get('rollbacks', 0) + rollbacks_here + 1
   meta['config'] = config.to_dict()
   step = _phase_step(phase, state_g, state_d)
