@@ -28,7 +28,6 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -775,7 +774,7 @@ def discriminator_phase(run: Run) -> None:
   def dispatch(phase, size, first_step):
     phase.state_d, metrics = discriminator_loop(
         phase.state_g, phase.state_d, images, phase.loop_key,
-        jnp.int32(first_step), num_steps=size, batch_size=config.batch_size,
+        np.int32(first_step), num_steps=size, batch_size=config.batch_size,
         steps_per_epoch=spe, loss=loss)
     return metrics
 
