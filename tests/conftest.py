@@ -1,6 +1,7 @@
 """Shared fixtures: small models and states, and the real MNIST prepared once."""
 
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,17 @@ import jaxgan
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST_DIR = os.environ.get(
     'JAXGAN_MNIST_DIR', os.path.join(REPO, '..', 'shared', 'datasets', 'mnist'))
+
+
+EXAMPLE = os.path.join(REPO, 'examples', 'mnist_dcgan.py')
+
+
+def example_command(flags, prelude: str = '') -> list[str]:
+  """argv running the example with `flags` after executing `prelude`."""
+  argv = [EXAMPLE, *flags]
+  code = (f'{prelude}\nimport runpy, sys\nsys.argv = {argv!r}\n'
+          f'runpy.run_path({EXAMPLE!r}, run_name="__main__")')
+  return [sys.executable, '-c', code]
 
 
 def make_states(seed: int = 0, optimizer=None, **generator_fields):

@@ -11,18 +11,13 @@ import pytest
 from PIL import Image
 
 import jaxgan
-from conftest import REPO, leaves_equal
-
-EXAMPLE = os.path.join(REPO, 'examples', 'mnist_dcgan.py')
-
+from conftest import REPO, example_command, leaves_equal
 
 def _run(*flags, check=True, prelude=''):
   """Runs the example in a fresh interpreter; returns the finished process."""
-  argv = [EXAMPLE, *flags, '--noprogress']
-  code = (f'{prelude}\nimport runpy, sys\nsys.argv = {argv!r}\n'
-          f'runpy.run_path({EXAMPLE!r}, run_name="__main__")')
-  result = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                          text=True, timeout=600, cwd=REPO)
+  result = subprocess.run(example_command([*flags, '--noprogress'], prelude),
+                          capture_output=True, text=True, timeout=600,
+                          cwd=REPO)
   if check and result.returncode != 0:
     raise AssertionError(f'example failed ({result.returncode}):\n'
                          f'{result.stdout}\n{result.stderr}')

@@ -12,7 +12,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -20,9 +19,8 @@ import numpy as np
 import pytest
 
 import jaxgan
-from conftest import REPO
+from conftest import REPO, example_command
 
-EXAMPLE = os.path.join(REPO, 'examples', 'mnist_dcgan.py')
 # Wall-clock fields differ between any two runs; everything else must not.
 _TIMING = ('seconds', 'steps_per_sec', 'eval_seconds')
 
@@ -34,15 +32,8 @@ def _flags(workdir, data_dir):
           '--steps_per_call=1', '--noprogress']
 
 
-def _command(flags, prelude=''):
-  argv = [EXAMPLE, *flags]
-  code = (f'{prelude}\nimport runpy, sys\nsys.argv = {argv!r}\n'
-          f'runpy.run_path({EXAMPLE!r}, run_name="__main__")')
-  return [sys.executable, '-c', code]
-
-
 def _run(flags, prelude='', check=True):
-  result = subprocess.run(_command(flags, prelude), capture_output=True,
+  result = subprocess.run(example_command(flags, prelude), capture_output=True,
                           text=True, timeout=600, cwd=REPO)
   if check and result.returncode != 0:
     raise AssertionError(f'example failed ({result.returncode}):\n'
@@ -51,7 +42,7 @@ def _run(flags, prelude='', check=True):
 
 
 def _start(flags):
-  return subprocess.Popen(_command(flags), stdout=subprocess.PIPE,
+  return subprocess.Popen(example_command(flags), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
@@ -158,11 +149,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_bit_exact(
   workdir = str(tmp_path / 'run')
   flags = _flags(workdir, mnist_data_dir)
   process = _start(flags)
-  steps_csv = os.path.join(workdir, 'steps.csv')
   deadline = time.time() + 300
-  while time.time() < deadline:
-    if os.path.isfile(steps_csv) and len(open(steps_csv).readlines()) > 8:
-      break
+  while _logged_steps(workdir) < 8 and time.time() < deadline:
     time.sleep(0.05)
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=120)
@@ -214,15 +202,19 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(
 
 
 _POISON = '''
-import jax, jax.numpy as jnp, jaxgan
-_real_loop, _calls = jaxgan.train_loop, [0]
-def _poisoned_loop(state_g, state_d, *args, **kwargs):
-  _calls[0] += 1
-  if _calls[0] == POISON_CALL:
-    state_d = state_d.replace(params=jax.tree.map(
-        lambda p: p * jnp.nan, state_d.params))
-  return _real_loop(state_g, state_d, *args, **kwargs)
-jaxgan.train_loop = _poisoned_loop
+import jax, jax.numpy as jnp
+from jaxgan import parallel
+_real_factory, _calls = parallel.train_loop, [0]
+def _poisoned_factory(mesh):
+  loop = _real_factory(mesh)
+  def poisoned(state_g, state_d, *args, **kwargs):
+    _calls[0] += 1
+    if _calls[0] == POISON_CALL:
+      state_d = state_d.replace(params=jax.tree.map(
+          lambda p: p * jnp.nan, state_d.params))
+    return loop(state_g, state_d, *args, **kwargs)
+  return poisoned
+parallel.train_loop = _poisoned_factory
 '''
 
 
