@@ -119,10 +119,11 @@ FLAGS = flags.FLAGS
 # Streams of the run key, fixed so a resumed run derives the same keys.
 _INIT, _TRAIN, _DISCRIMINATOR, _SAMPLES, _TEST, _EVAL = range(6)
 _GRID_SAMPLES = 64
-# Checkpoint metadata keys of each phase: (epochs done, steps per epoch).
-_PHASE_KEYS = {'train': ('train_epoch', 'steps_per_epoch'),
-               'discriminator': ('discriminator_epoch',
-                                 'discriminator_steps_per_epoch')}
+# Checkpoint metadata key of each phase's steps per epoch (its epochs done
+# and partial-epoch metrics are under f'{phase}_epoch' and
+# f'{phase}_partial_epoch').
+_STEPS_PER_EPOCH_KEYS = {'train': 'steps_per_epoch',
+                         'discriminator': 'discriminator_steps_per_epoch'}
 _MAX_IN_FLIGHT = 2
 _EVAL_BATCH = 500
 # Eval numbers logged per epoch (metrics.jsonl, TensorBoard).
@@ -328,7 +329,7 @@ def _start_phase(run: Run, phase: str, require_checkpoint: bool):
     step)`: states replicated and images split over the mesh; `step`
     counts the steps of the phase already done.
   """
-  _, spe_key = _PHASE_KEYS[phase]
+  spe_key = _STEPS_PER_EPOCH_KEYS[phase]
   config, state_g, state_d, run_key, meta = run.restore_or_init(
       require=require_checkpoint)
   parallel.check_batch_size(config.batch_size, run.mesh)
