@@ -1,8 +1,9 @@
 r"""Per-layer forward + backward times: flax's convolutions against jaxgan's.
 
 For each convolution of the DCGAN at the given batch size, times the jitted
-gradient (w.r.t. kernel and input) with `flax.linen` and with `jaxgan.layers`,
-as a plain program and inside `lax.scan` (where XLA:CPU behaves differently).
+gradient (w.r.t. kernel and input) with `flax.linen` and with both
+implementations of `jaxgan.layers` ('matmul_grad' and 'im2col'), as a plain
+program and inside `lax.scan` (where XLA:CPU behaves differently).
 Reports the median and spread of several trials, side by side in one run.
 
   python benchmarks/layers.py --batch_size=64 --trials=7 --json=/tmp/layers.json
@@ -32,6 +33,13 @@ LAYERS = (
      lambda m: m.Conv(128, (5, 5), (2, 2)), (14, 14, 64)),
 )
 SCAN_LENGTH = 4
+IMPLEMENTATIONS = ('flax', *layers.IMPLEMENTATIONS)
+
+
+def _layer(make, implementation):
+  if implementation == 'flax':
+    return make(nn)
+  return make(layers).clone(implementation=implementation)
 
 
 def _time(fn, args, trials: int) -> list[float]:
@@ -75,14 +83,14 @@ def main():
   print(f'{jax.devices()[0].device_kind} ({jax.default_backend()}), jax '
         f'{jax.__version__}, batch {args.batch_size}, median of '
         f'{args.trials} trials, ms per forward+backward')
-  print(f'{"layer":40s}{"flax":>9s}{"jaxgan":>9s}{"ratio":>7s}'
-        f'{"flax scan":>11s}{"jaxgan scan":>13s}{"ratio":>7s}')
+  print(f'{"layer":38s}' + ''.join(f'{name:>13s}' for name in IMPLEMENTATIONS)
+        + ''.join(f'{name + " scan":>18s}' for name in IMPLEMENTATIONS))
   for name, make, shape in LAYERS:
     x = jax.random.normal(jax.random.key(0), (args.batch_size, *shape))
     row = {'layer': name}
     params = make(nn).init(jax.random.key(1), x)
-    for impl, module in (('flax', nn), ('jaxgan', layers)):
-      plain, scanned = _programs(make(module))
+    for impl in IMPLEMENTATIONS:
+      plain, scanned = _programs(_layer(make, impl))
       for mode, fn, per_call in (('plain', plain, 1),
                                  ('scan', scanned, SCAN_LENGTH)):
         times = [t / per_call * 1e3 for t in _time(fn, (params, x),
@@ -90,10 +98,9 @@ def main():
         row[f'{impl}_{mode}_ms'] = statistics.median(times)
         row[f'{impl}_{mode}_spread_ms'] = max(times) - min(times)
     results.append(row)
-    print(f'{name:40s}{row["flax_plain_ms"]:9.1f}{row["jaxgan_plain_ms"]:9.1f}'
-          f'{row["flax_plain_ms"] / row["jaxgan_plain_ms"]:7.2f}'
-          f'{row["flax_scan_ms"]:11.1f}{row["jaxgan_scan_ms"]:13.1f}'
-          f'{row["flax_scan_ms"] / row["jaxgan_scan_ms"]:7.2f}')
+    print(f'{name:38s}' + ''.join(
+        f'{row[f"{impl}_{mode}_ms"]:{width}.1f}' for mode, width in
+        (('plain', 13), ('scan', 18)) for impl in IMPLEMENTATIONS))
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'device': jax.devices()[0].device_kind,

@@ -6,7 +6,8 @@ device-resident dataset, and (b) `jaxgan.train_loop`, K steps per compiled
 call. Warm-up is excluded, every timing ends in `block_until_ready`, and the
 median and spread of the trials are reported. FLOPs per step come from the
 compiled step's cost analysis and from an analytic count of the layers; model
-FLOP utilisation is given against the device's peak where it is known.
+FLOP utilisation is given against the device's peak where it is known, and
+every device's achieved FLOP/s against its measured float32 matmul rate.
 
   python benchmarks/train_step.py --batch_sizes=64,256,1024 --json=/tmp/bench.json
   python benchmarks/train_step.py --data=both --mnist_dir=../shared/datasets/mnist
@@ -81,6 +82,19 @@ def compiled_flops(compiled) -> float | None:
   return float(analysis['flops'])
 
 
+def measured_matmul_flops(device, size: int = 2048, trials: int = 5) -> float:
+  """FLOP/s of a jitted float32 `[size, size] @ [size, size]` on `device`.
+
+  Where no peak is tabulated (CPUs), this is the practical ceiling: a train
+  step made only of such matmuls could at best run at this rate.
+  """
+  a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+  matmul = jax.jit(jnp.matmul)
+  jax.block_until_ready(matmul(a, a))
+  times = _trials(lambda: jax.block_until_ready(matmul(a, a)), trials)
+  return 2 * size ** 3 / statistics.median(times)
+
+
 def _trials(run, trials: int) -> list[float]:
   times = []
   for _ in range(trials):
@@ -99,7 +113,7 @@ def _summary(times: list[float], steps: int, batch_size: int) -> dict:
 
 
 def benchmark(images: jax.Array, batch_size: int, steps: int, fused_steps: int,
-              trials: int, device) -> dict:
+              trials: int, device, matmul_flops: float) -> dict:
   config = jaxgan.DCGANConfig(batch_size=batch_size)
   num_batches = len(images) // batch_size
   if num_batches < 1:
@@ -159,8 +173,9 @@ def benchmark(images: jax.Array, batch_size: int, steps: int, fused_steps: int,
   }
   peak = peak_flops(device.device_kind)
   for mode in ('step', 'fused'):
-    result[mode]['mfu'] = (flops * result[mode]['steps_per_sec'] / peak
-                           if peak else None)
+    achieved = flops * result[mode]['steps_per_sec']
+    result[mode]['mfu'] = achieved / peak if peak else None
+    result[mode]['fraction_of_matmul_rate'] = achieved / matmul_flops
   return result
 
 
@@ -209,17 +224,20 @@ def main():
   report = {'device': device.device_kind, 'platform': device.platform,
             'jax': jax.__version__, 'python': platform.python_version(),
             'date': time.strftime('%Y-%m-%d'), 'results': []}
+  matmul_flops = measured_matmul_flops(device)
+  report['matmul_flops_per_sec'] = matmul_flops
   print(f'{device.device_kind} ({device.platform}), jax {jax.__version__}; '
-        f'median of {args.trials} trials')
+        f'median of {args.trials} trials; 2048^3 float32 matmul '
+        f'{matmul_flops / 1e9:.0f} GFLOP/s')
   print(f'{"data":10s}{"batch":>6s}{"compile s":>10s}{"step/s":>9s}'
         f'{"img/s":>10s}{"fused/s":>9s}{"img/s":>10s}{"GFLOP/step":>11s}'
-        f'{"XLA":>8s}{"MFU":>8s}')
+        f'{"XLA":>8s}{"MFU":>8s}{"of matmul":>10s}')
   with jax.default_device(device):
     for kind in kinds:
       images = _dataset(kind, args, device)
       for batch_size in batch_sizes:
         result = benchmark(images, batch_size, args.steps, args.fused_steps,
-                           args.trials, device)
+                           args.trials, device, matmul_flops)
         result['data'] = kind
         report['results'].append(result)
         mfu = result['fused']['mfu']
@@ -231,7 +249,8 @@ def main():
               f'{result["fused"]["images_per_sec"]:10.0f}'
               f'{result["flops_per_step_analytic"] / 1e9:11.2f}'
               f'{xla / 1e9 if xla else float("nan"):8.2f}'
-              f'{"unknown" if mfu is None else f"{mfu:.1%}":>8s}')
+              f'{"unknown" if mfu is None else f"{mfu:.1%}":>8s}'
+              f'{result["fused"]["fraction_of_matmul_rate"]:10.1%}')
   if args.data == 'both':
     for batch_size in batch_sizes:
       rates = {r['data']: r['fused']['steps_per_sec']

@@ -9,6 +9,14 @@ gradient stay XLA convolutions, and the kernel gradient is computed from
 image patches (`lax.conv_general_dilated_patches`) and a single matmul, which
 every backend runs well.
 
+`conv_im2col` and `conv_transpose_im2col` go further and express the whole
+layer as image patches gathered with slices, one matrix product and (for the
+transposed convolution) an interleave of the stride phases; their gradients
+are matrix products and pads. A stride-s transposed convolution is s*s
+ordinary convolutions with sub-kernels, one per output phase; all phases share
+one window of the undilated input, so one matmul computes them together
+instead of multiplying the zeros of the dilated input.
+
 `Conv` and `ConvTranspose` are drop-in replacements for the Flax layers of the
 same names: same parameter names, shapes, initialisers and numerics, so
 checkpoints are interchangeable.
@@ -16,6 +24,8 @@ checkpoints are interchangeable.
 
 import functools
 from typing import Any, Sequence
+
+import numpy as np
 
 import flax.linen as nn
 import jax
@@ -117,6 +127,129 @@ def _backward(strides, padding, lhs_dilation, residuals, grad):
 conv_matmul_grad.defvjp(_forward, _backward)
 
 
+def _pad(x, pads):
+  """Zero-pads (or, for negative widths, crops) the spatial axes of NHWC."""
+  return lax.pad(x, jnp.zeros((), x.dtype),
+                 [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
+
+
+def conv_im2col(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                padding: Padding) -> jax.Array:
+  """A strided convolution as patches (strided slices) times the kernel.
+
+  Args:
+    x: input `[B, H, W, C]`.
+    kernel: `[kh, kw, C, O]`.
+    strides: window strides.
+    padding: explicit `((lo, hi), (lo, hi))`.
+
+  Returns:
+    `[B, H', W', O]`, `lax.conv_general_dilated`'s result to float32
+    rounding.
+  """
+  batch, height, width, channels = x.shape
+  kh, kw, _, features = kernel.shape
+  (sh, sw), ((lo_h, hi_h), (lo_w, hi_w)) = strides, padding
+  out_h = (height + lo_h + hi_h - kh) // sh + 1
+  out_w = (width + lo_w + hi_w - kw) // sw + 1
+  if out_h < 1 or out_w < 1:
+    raise ValueError(f'Convolution of {x.shape} with kernel {kernel.shape} '
+                     f'and padding {padding} has an empty output.')
+  padded = _pad(x, padding)
+  columns = [lax.slice(padded, (0, u, v, 0),
+                       (batch, u + sh * (out_h - 1) + 1,
+                        v + sw * (out_w - 1) + 1, channels), (1, sh, sw, 1))
+             for u in range(kh) for v in range(kw)]
+  patches = jnp.concatenate(columns, axis=-1)  # Features ordered (u, v, c).
+  return jnp.einsum('bijp,po->bijo', patches,
+                    kernel.reshape(kh * kw * channels, features))
+
+
+def _phase_geometry(size: int, kernel_size: int, stride: int,
+                    padding: tuple[int, int]):
+  """How each output phase of a transposed convolution reads its input.
+
+  Output p = stride*i + r (phase r) of the transposed convolution is
+  sum_u xpad[p + u] K[u] over the dilated, padded input, whose only non-zero
+  entries are xpad[lo + stride*m] = x[m]. So phase r sees x[i + offset + t]
+  through the taps u = u0 + stride*t with u0 = (lo - r) mod stride.
+
+  Returns:
+    `(out, blocks, pads, window, taps)`: the output size; the blocks of
+    `stride` outputs; the (before, after) zero padding of x; the input window
+    all phases of a block share; `taps[a, r]`, the kernel tap that window
+    position a feeds into phase r, or -1.
+  """
+  lo, hi = padding
+  out = stride * (size - 1) + 1 + lo + hi - kernel_size + 1
+  blocks = -(-out // stride)
+  phases = []
+  for r in range(stride):
+    u0 = (lo - r) % stride
+    phases.append(((r + u0 - lo) // stride, range(u0, kernel_size, stride)))
+  first = min(offset for offset, _ in phases)
+  last = max(offset + len(taps) - 1 for offset, taps in phases)
+  window = last - first + 1
+  taps = np.full((window, stride), -1)
+  for r, (offset, phase_taps) in enumerate(phases):
+    for t, u in enumerate(phase_taps):
+      taps[offset + t - first, r] = u
+  return out, blocks, (-first, blocks - 1 + last - (size - 1)), window, taps
+
+
+def conv_transpose_im2col(x: jax.Array, kernel: jax.Array,
+                          strides: tuple[int, int],
+                          padding: Padding) -> jax.Array:
+  """A transposed convolution as one matmul over all stride phases.
+
+  Computes `lax.conv_general_dilated(x, kernel, (1, 1), padding,
+  lhs_dilation=strides)`, i.e. `flax.linen.ConvTranspose` with the kernel
+  unflipped, without multiplying the dilated input's zeros: the kernel is
+  rearranged into a `[window_h * window_w * C, sh * sw * O]` matrix (zeros
+  where a phase has fewer taps), applied to patches of the undilated input,
+  and the phases are interleaved into the output.
+
+  Args:
+    x: input `[B, H, W, C]`.
+    kernel: `[kh, kw, C, O]`.
+    strides: upsampling factors.
+    padding: explicit `((lo, hi), (lo, hi))` of the dilated input.
+
+  Returns:
+    `[B, H', W', O]`, with `H' = sh * (H - 1) + 1 + lo + hi - kh + 1`.
+  """
+  batch, height, width, channels = x.shape
+  kh, kw, _, features = kernel.shape
+  sh, sw = strides
+  out_h, blocks_h, pads_h, window_h, taps_h = _phase_geometry(
+      height, kh, sh, padding[0])
+  out_w, blocks_w, pads_w, window_w, taps_w = _phase_geometry(
+      width, kw, sw, padding[1])
+  if out_h < 1 or out_w < 1:
+    raise ValueError(f'Transposed convolution of {x.shape} with kernel '
+                     f'{kernel.shape} and padding {padding} has an empty '
+                     f'output.')
+  padded = _pad(x, (pads_h, pads_w))
+  columns = [padded[:, a:a + blocks_h, b:b + blocks_w, :]
+             for a in range(window_h) for b in range(window_w)]
+  patches = jnp.concatenate(columns, axis=-1)  # Features ordered (a, b, c).
+  # Tap index kh (or kw) selects an appended zero row (or column).
+  padded_kernel = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
+  rows = np.where(taps_h < 0, kh, taps_h)[:, None, :, None]
+  cols = np.where(taps_w < 0, kw, taps_w)[None, :, None, :]
+  matrix = padded_kernel[rows, cols]  # [window_h, window_w, sh, sw, C, O]
+  matrix = matrix.transpose(0, 1, 4, 2, 3, 5).reshape(
+      window_h * window_w * channels, sh * sw * features)
+  y = jnp.einsum('bijp,pq->bijq', patches, matrix)
+  y = y.reshape(batch, blocks_h, blocks_w, sh, sw, features)
+  y = y.transpose(0, 1, 3, 2, 4, 5).reshape(
+      batch, blocks_h * sh, blocks_w * sw, features)
+  return y[:, :out_h, :out_w, :]
+
+
+IMPLEMENTATIONS = ('matmul_grad', 'im2col')
+
+
 def _same_or_valid(padding: str | Sequence[tuple[int, int]]) -> str | None:
   if isinstance(padding, str):
     if padding.upper() not in ('SAME', 'VALID'):
@@ -150,6 +283,7 @@ class _Convolution(nn.Module):
   param_dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
   bias_init: Any = nn.initializers.zeros_init()
+  implementation: str = 'matmul_grad'
 
   def _named_geometry(self, spatial_shape, kernel_size, strides, mode):
     """`(window_strides, padding, lhs_dilation)` for 'SAME' or 'VALID'."""
@@ -171,7 +305,15 @@ class _Convolution(nn.Module):
         x.shape[1:3], kernel_size, strides, mode or 'VALID')
     if mode is None:
       padding = tuple(tuple(pair) for pair in self.padding)
-    y = conv_matmul_grad(x, kernel, window_strides, padding, lhs_dilation)
+    if self.implementation == 'matmul_grad':
+      y = conv_matmul_grad(x, kernel, window_strides, padding, lhs_dilation)
+    elif self.implementation != 'im2col':
+      raise ValueError(f'implementation must be one of {IMPLEMENTATIONS}, '
+                       f'got {self.implementation!r}.')
+    elif any(d != 1 for d in lhs_dilation):
+      y = conv_transpose_im2col(x, kernel, lhs_dilation, padding)
+    else:
+      y = conv_im2col(x, kernel, window_strides, padding)
     return y if bias is None else y + bias
 
 
@@ -190,6 +332,9 @@ class Conv(_Convolution):
     param_dtype: parameter dtype.
     kernel_init: kernel initialiser (Flax's default).
     bias_init: bias initialiser.
+    implementation: 'matmul_grad' (XLA convolution, kernel gradient from
+      patches and one matmul) or 'im2col' (the whole layer as patches and
+      matmuls; faster on XLA:CPU when there are many output channels).
   """
 
   def _named_geometry(self, spatial_shape, kernel_size, strides, mode):
@@ -216,6 +361,9 @@ class ConvTranspose(_Convolution):
     param_dtype: parameter dtype.
     kernel_init: kernel initialiser (Flax's default).
     bias_init: bias initialiser.
+    implementation: 'matmul_grad' (XLA convolution, kernel gradient from
+      patches and one matmul) or 'im2col' (the whole layer as patches and
+      matmuls; faster on XLA:CPU when there are many output channels).
   """
 
   def _named_geometry(self, spatial_shape, kernel_size, strides, mode):

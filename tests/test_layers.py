@@ -48,28 +48,71 @@ def _compare(reference, candidate, shape):
     np.testing.assert_allclose(got / scale, want / scale, rtol=0, atol=2e-6)
 
 
+IMPLEMENTATIONS = pytest.mark.parametrize('implementation',
+                                          layers.IMPLEMENTATIONS)
+
+
+@IMPLEMENTATIONS
 @pytest.mark.parametrize('kernel, stride, padding, shape, features', CASES)
-def test_conv_transpose_matches_flax(kernel, stride, padding, shape, features):
+def test_conv_transpose_matches_flax(kernel, stride, padding, shape, features,
+                                     implementation):
   _compare(nn.ConvTranspose(features, (kernel, kernel), (stride, stride),
                             padding=padding),
            layers.ConvTranspose(features, (kernel, kernel), (stride, stride),
-                                padding=padding), shape)
+                                padding=padding,
+                                implementation=implementation), shape)
 
 
+@IMPLEMENTATIONS
 @pytest.mark.parametrize('kernel, stride, padding, shape, features', CASES)
-def test_conv_matches_flax(kernel, stride, padding, shape, features):
+def test_conv_matches_flax(kernel, stride, padding, shape, features,
+                           implementation):
   _compare(nn.Conv(features, (kernel, kernel), (stride, stride),
                    padding=padding),
            layers.Conv(features, (kernel, kernel), (stride, stride),
-                       padding=padding), shape)
+                       padding=padding, implementation=implementation), shape)
 
 
-def test_non_square_kernels_and_strides():
+@IMPLEMENTATIONS
+def test_non_square_kernels_and_strides(implementation):
   _compare(nn.ConvTranspose(3, (3, 5), (1, 2), padding='SAME'),
-           layers.ConvTranspose(3, (3, 5), (1, 2), padding='SAME'),
+           layers.ConvTranspose(3, (3, 5), (1, 2), padding='SAME',
+                                implementation=implementation),
            (2, 6, 5, 2))
   _compare(nn.Conv(3, (5, 3), (2, 1), padding='SAME'),
-           layers.Conv(3, (5, 3), (2, 1), padding='SAME'), (2, 9, 7, 2))
+           layers.Conv(3, (5, 3), (2, 1), padding='SAME',
+                       implementation=implementation), (2, 9, 7, 2))
+
+
+@pytest.mark.parametrize('stride, padding', [
+    (2, ((3, 2), (3, 2))), (2, ((0, 3), (2, 1))), (3, ((2, 2), (1, 0))),
+    (2, ((4, 4), (4, 4))), (2, ((-1, 1), (5, -2))), (1, ((1, 1), (0, 2)))])
+def test_transposed_im2col_matches_lax_for_explicit_paddings(stride, padding):
+  """Every phase layout, including negative (cropping) and wide paddings."""
+  x = jax.random.normal(jax.random.key(0), (2, 6, 5, 3))
+  kernel = jax.random.normal(jax.random.key(1), (4, 3, 3, 2))
+
+  def reference(x, kernel):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), padding, lhs_dilation=(stride, stride),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  def candidate(x, kernel):
+    return layers.conv_transpose_im2col(x, kernel, (stride, stride), padding)
+
+  want = reference(x, kernel)
+  np.testing.assert_allclose(candidate(x, kernel), want, rtol=1e-5, atol=1e-5)
+  cotangent = jax.random.normal(jax.random.key(2), want.shape)
+  for fn_grads in zip(*(jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) * cotangent),
+                                 argnums=(0, 1))(x, kernel)
+                        for f in (candidate, reference))):
+    np.testing.assert_allclose(*fn_grads, rtol=1e-5, atol=1e-4)
+
+
+def test_unknown_implementation_is_refused():
+  with pytest.raises(ValueError, match='implementation must be one of'):
+    layers.Conv(2, (3, 3), implementation='fft').init(
+        jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
 
 
 @pytest.mark.parametrize('make', [
@@ -77,9 +120,12 @@ def test_non_square_kernels_and_strides():
 ])
 @pytest.mark.parametrize('pair', [(nn.Conv, layers.Conv),
                                   (nn.ConvTranspose, layers.ConvTranspose)])
-def test_gradient_penalty_style_second_order_gradients(make, pair):
+@IMPLEMENTATIONS
+def test_gradient_penalty_style_second_order_gradients(make, pair,
+                                                        implementation):
   """Penalties like R1 differentiate an input gradient w.r.t. the parameters."""
-  reference, candidate = (make(cls) for cls in pair)
+  reference = make(pair[0])
+  candidate = make(pair[1]).clone(implementation=implementation)
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 2))
   params = reference.init(jax.random.key(1), x)
 
@@ -94,8 +140,10 @@ def test_gradient_penalty_style_second_order_gradients(make, pair):
                              atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
 
-def test_bfloat16_inputs():
-  layer = layers.ConvTranspose(4, (5, 5), (2, 2), dtype=jnp.bfloat16)
+@IMPLEMENTATIONS
+def test_bfloat16_inputs(implementation):
+  layer = layers.ConvTranspose(4, (5, 5), (2, 2), dtype=jnp.bfloat16,
+                               implementation=implementation)
   x = jax.random.normal(jax.random.key(0), (2, 7, 7, 3))
   params = layer.init(jax.random.key(1), x)
   grads = jax.grad(lambda p: jnp.sum(layer.apply(p, x).astype(jnp.float32)))(
