@@ -4,6 +4,7 @@ Both modules are plain `flax.linen` modules used as pure functions: parameters
 and BatchNorm statistics live in the train states, never in the module.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -13,15 +14,27 @@ import jax.numpy as jnp
 from jaxgan import layers
 
 IMAGE_SHAPE = (28, 28, 1)
-KERNEL_GRADS = ('auto', 'matmul', 'xla')
+KERNEL_GRADS = ('auto', 'im2col', 'matmul', 'xla')
+# Below this many output channels the im2col matmul is too narrow to pay for
+# its patches (XLA:CPU, the generator's 1-channel output layer: 10x slower).
+_IM2COL_MIN_FEATURES = 8
 
 
-def _matmul_kernel_grad(choice: str, auto: bool) -> bool:
-  """Whether to use jaxgan.layers (True) or flax's layers (False)."""
+def _convolution(choice: str, transposed: bool, features: int):
+  """The layer class for `conv_kernel_grad=choice` (see `Generator`)."""
   if choice not in KERNEL_GRADS:
     raise ValueError(f'conv_kernel_grad must be one of {KERNEL_GRADS}, got '
                      f'{choice!r}.')
-  return auto if choice == 'auto' else choice == 'matmul'
+  if choice == 'auto':
+    if jax.default_backend() != 'cpu':
+      choice = 'xla'
+    else:
+      choice = 'im2col' if features >= _IM2COL_MIN_FEATURES else 'matmul'
+  if choice == 'xla':
+    return nn.ConvTranspose if transposed else nn.Conv
+  layer = layers.ConvTranspose if transposed else layers.Conv
+  return functools.partial(
+      layer, implementation='im2col' if choice == 'im2col' else 'matmul_grad')
 
 
 class Generator(nn.Module):
@@ -43,10 +56,14 @@ class Generator(nn.Module):
     leaky_slope: negative slope of the leaky ReLUs.
     bn_momentum: decay of BatchNorm's running averages.
     dtype: computation dtype; parameters stay float32.
-    conv_kernel_grad: how the transposed convolutions' kernel gradients are
-      computed: 'matmul' (`jaxgan.layers`, about 6x faster on XLA:CPU for the
-      first layer), 'xla' (`flax.linen.ConvTranspose`) or 'auto' ('matmul'
-      on CPU). Parameters and results are the same either way.
+    conv_kernel_grad: how the transposed convolutions are computed:
+      'im2col' (`jaxgan.layers.conv_transpose_im2col`: patches and one
+      matmul over the stride phases), 'matmul' (an XLA convolution with a
+      matmul kernel gradient, `jaxgan.layers.conv_matmul_grad`), 'xla'
+      (`flax.linen.ConvTranspose`) or 'auto': on CPU, 'im2col' for layers
+      with at least 8 output channels and 'matmul' for the others (XLA:CPU's
+      own kernel gradient of the first layer is about 6x slower); 'xla'
+      elsewhere. Parameters and results are the same either way.
   """
 
   noise_dim: int = 100
@@ -62,9 +79,12 @@ class Generator(nn.Module):
   def _normalize(self, x: jax.Array, train: bool) -> jax.Array:
     if not self.batch_norm:
       return x
+    # The two-pass variance: E[x^2] - E[x]^2 cancels catastrophically when
+    # a channel's mean is large against its spread, which made float32 steps
+    # depend on how XLA happened to order the reductions.
     return nn.BatchNorm(
         use_running_average=not train, momentum=self.bn_momentum,
-        dtype=self.dtype)(x)
+        use_fast_variance=False, dtype=self.dtype)(x)
 
   @nn.compact
   def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
@@ -83,19 +103,20 @@ class Generator(nn.Module):
           f'Generator expects noise of shape [B, {self.noise_dim}], got '
           f'{z.shape}; sample it with jaxgan.sample_noise.')
     act = lambda x: nn.leaky_relu(x, self.leaky_slope)
-    conv_transpose = (layers.ConvTranspose if _matmul_kernel_grad(
-        self.conv_kernel_grad, jax.default_backend() == 'cpu')
-                      else nn.ConvTranspose)
+    conv_transpose = functools.partial(_convolution, self.conv_kernel_grad,
+                                       True)
     x = nn.Dense(self.hidden_dim, dtype=self.dtype)(z)
     x = act(self._normalize(x, train))
     x = nn.Dense(7 * 7 * self.base_channels, dtype=self.dtype)(x)
     x = act(self._normalize(x, train))
     x = x.reshape(x.shape[0], 7, 7, self.base_channels)
-    x = conv_transpose(self.conv_channels, (5, 5), strides=(2, 2),
-                       padding='SAME', dtype=self.dtype)(x)
+    x = conv_transpose(self.conv_channels)(
+        self.conv_channels, (5, 5), strides=(2, 2), padding='SAME',
+        dtype=self.dtype)(x)
     x = act(self._normalize(x, train))
-    x = conv_transpose(IMAGE_SHAPE[-1], (5, 5), strides=(2, 2),
-                       padding='SAME', dtype=self.dtype)(x)
+    x = conv_transpose(IMAGE_SHAPE[-1])(
+        IMAGE_SHAPE[-1], (5, 5), strides=(2, 2), padding='SAME',
+        dtype=self.dtype)(x)
     return jnp.tanh(x).astype(jnp.float32)
 
 
@@ -103,7 +124,8 @@ class Discriminator(nn.Module):
   """Maps images in [-1, 1] to one real-vs-fake logit each.
 
   Layers: Conv(channels_1, 5x5, stride 2) -> leaky ReLU -> Conv(channels_2,
-  5x5, stride 2) -> BatchNorm -> leaky ReLU -> flatten -> Dense(1).
+  5x5, stride 2) -> BatchNorm (optional) -> leaky ReLU -> flatten ->
+  Dense(1), each layer optionally spectrally normalised.
 
   Attributes:
     channels_1: channels of the first convolution.
@@ -111,10 +133,15 @@ class Discriminator(nn.Module):
     leaky_slope: negative slope of the leaky ReLUs.
     bn_momentum: decay of BatchNorm's running averages.
     dtype: computation dtype; parameters stay float32.
-    conv_kernel_grad: 'matmul' (`jaxgan.layers.Conv`), 'xla'
-      (`flax.linen.Conv`) or 'auto' ('matmul' on CPU). On XLA:CPU 'xla' is
-      up to 2x faster in a plain step but about 10x slower inside
-      `lax.scan`, so 'auto' avoids the trap in the fused loops.
+    conv_kernel_grad: 'im2col', 'matmul', 'xla' or 'auto', as for the
+      `Generator`. On XLA:CPU, 'xla' is about 10x slower inside `lax.scan`
+      than in a plain step; 'auto' avoids that trap in the fused loops.
+    batch_norm: normalise the second convolution's output (the tutorial's
+      model). Without it each image's logit depends on that image alone, as
+      gradient penalties assume.
+    spectral_norm: divide every layer's kernel by its largest singular
+      value (Miyato et al. 2018). One power iteration per training call;
+      its vectors live in `batch_stats` and stay fixed in evaluation mode.
   """
 
   channels_1: int = 64
@@ -123,6 +150,8 @@ class Discriminator(nn.Module):
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
   conv_kernel_grad: str = 'auto'
+  batch_norm: bool = True
+  spectral_norm: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -140,16 +169,23 @@ class Discriminator(nn.Module):
       raise ValueError(
           f'Discriminator expects images of shape [B, H, W, C], got '
           f'{images.shape}; add the channel axis with images[..., None].')
-    conv = (layers.Conv if _matmul_kernel_grad(
-        self.conv_kernel_grad, jax.default_backend() == 'cpu') else nn.Conv)
+    conv = functools.partial(_convolution, self.conv_kernel_grad, False)
+
+    def layer(module, x):
+      if not self.spectral_norm:
+        return module(x)
+      return nn.SpectralNorm(module)(x, update_stats=train)
+
     x = images.astype(self.dtype)
-    x = conv(self.channels_1, (5, 5), strides=(2, 2), padding='SAME',
-             dtype=self.dtype)(x)
+    x = layer(conv(self.channels_1)(self.channels_1, (5, 5), strides=(2, 2),
+                                    padding='SAME', dtype=self.dtype), x)
     x = nn.leaky_relu(x, self.leaky_slope)
-    x = conv(self.channels_2, (5, 5), strides=(2, 2), padding='SAME',
-             dtype=self.dtype)(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                     dtype=self.dtype)(x)
+    x = layer(conv(self.channels_2)(self.channels_2, (5, 5), strides=(2, 2),
+                                    padding='SAME', dtype=self.dtype), x)
+    if self.batch_norm:
+      x = nn.BatchNorm(use_running_average=not train,
+                       momentum=self.bn_momentum, use_fast_variance=False,
+                       dtype=self.dtype)(x)
     x = nn.leaky_relu(x, self.leaky_slope)
     x = x.reshape(x.shape[0], -1)
-    return nn.Dense(1, dtype=self.dtype)(x)[:, 0].astype(jnp.float32)
+    return layer(nn.Dense(1, dtype=self.dtype), x)[:, 0].astype(jnp.float32)

@@ -32,10 +32,15 @@ def test_train_step_benchmark_reports_rates_and_flops(tmp_path):
     assert result[mode]['trials'] == 2
     assert result[mode]['steps_per_sec_min'] <= result[mode]['steps_per_sec']
   assert result['fused']['steps_per_call'] == 3
-  # The analytic count and XLA's agree to within 15% (about 15 GFLOP at 64).
+  assert report['matmul_flops_per_sec'] > 1e8
+  for mode in ('step', 'fused'):
+    assert 0 < result[mode]['fraction_of_matmul_rate'] < 2
+  # The analytic count (non-zero products only, about 15 GFLOP at batch 64)
+  # and XLA's agree to within 25%: on CPU the im2col transposed convolution
+  # also multiplies the zeros of its phase matrix, 11% of the step.
   analytic, xla = result['flops_per_step_analytic'], result['flops_per_step_xla']
   assert analytic == pytest.approx(14.89e9 * 8 / 64, rel=0.01)
-  assert xla == pytest.approx(analytic, rel=0.15)
+  assert xla == pytest.approx(analytic, rel=0.25)
 
 
 def test_train_step_benchmark_rejects_bad_flags():
@@ -82,3 +87,15 @@ def test_scaling_benchmark_on_two_simulated_devices(tmp_path):
   assert rows[0]['efficiency'] == pytest.approx(1.0)
   assert rows[1]['images_per_sec'] == pytest.approx(
       rows[1]['steps_per_sec'] * 16)
+
+
+def test_layer_benchmark_times_every_implementation(tmp_path):
+  out = tmp_path / 'layers.json'
+  stdout = _run('layers.py', '--batch_size=2', '--trials=1', f'--json={out}')
+  assert 'im2col' in stdout
+  report = json.loads(out.read_text())
+  assert len(report['layers']) == 4
+  for row in report['layers']:
+    for impl in ('flax', 'matmul_grad', 'im2col'):
+      for mode in ('plain', 'scan'):
+        assert row[f'{impl}_{mode}_ms'] > 0

@@ -101,12 +101,13 @@ def test_discriminator_batchnorm_train_and_eval_modes():
   assert not np.allclose(eval_full, logits_train)
 
 
-def test_kernel_gradient_implementations_agree():
-  """'matmul' and 'xla' convolutions: same parameters, outputs, gradients."""
+@pytest.mark.parametrize('choice', ['matmul', 'im2col', 'auto'])
+def test_kernel_gradient_implementations_agree(choice):
+  """jaxgan's and XLA's convolutions: same parameters, outputs, gradients."""
   z = jaxgan.sample_noise(jax.random.key(0), 4, 100)
   images = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1), minval=-1)
   for make, x in ((jaxgan.Generator, z), (jaxgan.Discriminator, images)):
-    fast, plain = make(conv_kernel_grad='matmul'), make(conv_kernel_grad='xla')
+    fast, plain = make(conv_kernel_grad=choice), make(conv_kernel_grad='xla')
     variables = _init(fast, x)
     for a, b in zip(jax.tree.leaves(variables),
                     jax.tree.leaves(_init(plain, x))):
@@ -119,9 +120,11 @@ def test_kernel_gradient_implementations_agree():
 
     np.testing.assert_allclose(fast.apply(variables, x),
                                plain.apply(variables, x), atol=1e-5)
-    for a, b in zip(jax.tree.leaves(grads(fast)),
-                    jax.tree.leaves(grads(plain))):
-      np.testing.assert_allclose(a, b, rtol=1e-4,
-                                 atol=1e-5 * float(jnp.max(jnp.abs(b))) + 1e-7)
+    want = jax.tree.leaves(grads(plain))
+    # Biases right before a BatchNorm have a zero gradient up to rounding,
+    # so rounding is judged against the largest gradient of the model.
+    scale = max(float(jnp.max(jnp.abs(b))) for b in want)
+    for a, b in zip(jax.tree.leaves(grads(fast)), want):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
   with pytest.raises(ValueError, match='conv_kernel_grad'):
     _init(jaxgan.Generator(conv_kernel_grad='fast'), z)
