@@ -95,6 +95,31 @@ flags.DEFINE_integer('max_rollbacks', 3, 'Rollbacks tried in one run before '
 flags.DEFINE_bool('generator_batch_norm', _DEFAULTS.generator_batch_norm,
                   'BatchNorm in G. Off gives the literal tutorial model, '
                   'which collapses.')
+flags.DEFINE_enum('loss', _DEFAULTS.loss, jaxgan.available_losses(),
+                  'GAN loss pair.')
+flags.DEFINE_enum('penalty', _DEFAULTS.penalty,
+                  ['none', 'gradient_penalty', 'r1'],
+                  "Penalty on D's loss: WGAN-GP or R1 on real images.")
+flags.DEFINE_float('penalty_weight', _DEFAULTS.penalty_weight,
+                   'Weight of the penalty (WGAN-GP: 10; R1: gamma / 2).')
+flags.DEFINE_integer('penalty_every', _DEFAULTS.penalty_every,
+                     'Apply the penalty every this many D steps, scaled up '
+                     'to match (lazy regularisation).', lower_bound=1)
+flags.DEFINE_integer('n_critic', _DEFAULTS.n_critic,
+                     'D updates per G update; each step then reads this '
+                     'many batches.', lower_bound=1)
+flags.DEFINE_float('ema_decay', _DEFAULTS.ema_decay,
+                   "Keep an EMA of G's parameters with this decay (e.g. "
+                   '0.999) and sample and evaluate with it; 0: no EMA.')
+flags.DEFINE_bool('spectral_norm', _DEFAULTS.spectral_norm,
+                  "Spectral normalisation of D's layers.")
+flags.DEFINE_bool('discriminator_batch_norm',
+                  _DEFAULTS.discriminator_batch_norm,
+                  'BatchNorm in D (the tutorial\'s model).')
+flags.DEFINE_enum('compute_dtype', _DEFAULTS.compute_dtype,
+                  ['float32', 'bfloat16'],
+                  'Computation dtype; parameters and optimiser state stay '
+                  'float32.')
 flags.DEFINE_integer('eval_every_epochs', 1,
                      'Evaluate G (FCD, classifier score, coverage) every this '
                      'many epochs, and after the last; 0: after the last '
@@ -142,11 +167,15 @@ def _make_config(**values) -> DCGANConfig:
     raise JaxganError(f'Invalid flag value: {e}') from None
 
 
+# DCGANConfig fields set by the flags of the same names.
+_CONFIG_FLAGS = ('learning_rate', 'beta1', 'batch_size', 'generator_batch_norm',
+                 'loss', 'penalty', 'penalty_weight', 'penalty_every',
+                 'n_critic', 'ema_decay', 'spectral_norm',
+                 'discriminator_batch_norm', 'compute_dtype')
+
+
 def _flag_config() -> DCGANConfig:
-  return _make_config(
-      learning_rate=FLAGS.learning_rate, beta1=FLAGS.beta1,
-      batch_size=FLAGS.batch_size,
-      generator_batch_norm=FLAGS.generator_batch_norm)
+  return _make_config(**{name: getattr(FLAGS, name) for name in _CONFIG_FLAGS})
 
 
 def _config_for_resume(saved: dict) -> DCGANConfig:
@@ -157,8 +186,7 @@ def _config_for_resume(saved: dict) -> DCGANConfig:
   """
   saved_config = DCGANConfig.from_dict(saved)
   explicit = {name: getattr(FLAGS, name)
-              for name in ('learning_rate', 'beta1', 'batch_size',
-                           'generator_batch_norm') if FLAGS[name].present}
+              for name in _CONFIG_FLAGS if FLAGS[name].present}
   config = _make_config(**{**saved_config.to_dict(), **explicit})
   mismatches = config.resume_mismatches(saved)
   if mismatches:
@@ -302,18 +330,19 @@ def _steps_per_epoch(num_examples: int, batch_size: int, saved: list) -> int:
   """The flag's cap, else the first saved value, else the whole dataset."""
   full = num_examples // batch_size
   if full < 1:
-    raise JaxganError(f'--batch_size={batch_size} exceeds the dataset size '
-                      f'{num_examples}.')
+    raise JaxganError(f'A step reads {batch_size} images (--batch_size, '
+                      f'times --n_critic in training), more than the dataset '
+                      f'size {num_examples}.')
   if FLAGS.steps_per_epoch is not None:
     return min(FLAGS.steps_per_epoch, full)
   return next((value for value in saved if value), full)
 
 
-def _phase_step(phase: str, state_g, state_d) -> int:
-  """Steps done in a phase: G's updates, or D's updates beyond G's."""
+def _phase_step(phase: str, config: DCGANConfig, state_g, state_d) -> int:
+  """Steps done in a phase: G's updates, or D's updates beyond training's."""
   if phase == 'train':
     return int(state_g.step)
-  return int(state_d.step) - int(state_g.step)
+  return int(state_d.step) - config.n_critic * int(state_g.step)
 
 
 def _start_phase(run: Run, phase: str, require_checkpoint: bool):
@@ -334,10 +363,13 @@ def _start_phase(run: Run, phase: str, require_checkpoint: bool):
       require=require_checkpoint)
   parallel.check_batch_size(config.batch_size, run.mesh)
   images = _load_train(run.mesh)
-  spe = _steps_per_epoch(images.shape[0], config.batch_size,
+  # A train step reads n_critic batches, one per D update.
+  images_per_step = config.batch_size * (config.n_critic
+                                         if phase == 'train' else 1)
+  spe = _steps_per_epoch(images.shape[0], images_per_step,
                          [meta.get(spe_key), meta.get('steps_per_epoch')])
   state_g, state_d = parallel.replicate((state_g, state_d), run.mesh)
-  step = _phase_step(phase, state_g, state_d)
+  step = _phase_step(phase, config, state_g, state_d)
   if step and meta.get(spe_key) not in (None, spe):
     raise CheckpointError(
         f'The {phase} phase in this workdir used {meta[spe_key]} steps per '
@@ -533,7 +565,7 @@ def _handle_divergence(run: Run, config: DCGANConfig, diverged: _Diverged,
   state_g, state_d = parallel.replicate((state_g, state_d), run.mesh)
   meta['rollbacks'] = meta.get('rollbacks', 0) + rollbacks_here + 1
   meta['config'] = config.to_dict()
-  step = _phase_step(phase, state_g, state_d)
+  step = _phase_step(phase, config, state_g, state_d)
   run.logger.forget_after(phase, step, step // spe)
   tqdm.write(f'warning: the {phase} phase diverged at step {diverged.step}; '
              f'rolled back to checkpoint {latest} (step {step}) with a new '
@@ -679,7 +711,8 @@ def train_phase(run: Run) -> None:
     _save_grid(run, state_g, noise, 'epoch_000.png', 0)
   resumed = f', resuming at step {step}' if step % spe else ''
   print(f'Training epochs {step // spe + 1}..{FLAGS.num_epochs} '
-        f'({spe} steps of {config.batch_size} images each, {chunk} per call'
+        f'({spe} steps of {config.batch_size * config.n_critic} images each, '
+        f'{chunk} per call'
         f'{resumed}) on {jax.devices()[0].platform.upper()}; workdir '
         f'{run.workdir}')
 

@@ -5,6 +5,7 @@ from jaxgan import data
 from jaxgan import images
 from jaxgan import metrics
 from jaxgan import parallel
+from jaxgan import penalties
 from jaxgan.checkpoint import Checkpointer
 from jaxgan.config import DCGANConfig
 from jaxgan.data import load_mnist
@@ -19,6 +20,9 @@ from jaxgan.losses import available_losses
 from jaxgan.losses import get_loss
 from jaxgan.losses import non_saturating_discriminator_loss
 from jaxgan.losses import non_saturating_generator_loss
+from jaxgan.penalties import Penalty
+from jaxgan.penalties import gradient_penalty
+from jaxgan.penalties import r1_penalty
 from jaxgan.metrics import EvalResult
 from jaxgan.metrics import FeatureStatistics
 from jaxgan.metrics import evaluate

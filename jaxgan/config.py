@@ -4,11 +4,15 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxgan import losses
 from jaxgan import models
+from jaxgan import penalties
 from jaxgan import train
+
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 # Widths and batch sizes beyond this are typos, not experiments: they would
@@ -22,6 +26,18 @@ class DCGANConfig:
 
   The defaults are the tutorial's model with BatchNorm in the generator
   (without it the model collapses), DCGAN's Adam (2e-4, beta1 0.5), batch 64.
+
+  The toolkit options (see the README's table):
+    loss: one of `jaxgan.available_losses()`.
+    penalty: 'none', 'gradient_penalty' (WGAN-GP) or 'r1', with
+      `penalty_weight` (10 for WGAN-GP, gamma / 2 for R1) and
+      `penalty_every` (lazy regularisation).
+    n_critic: D updates per G update; a step then reads n_critic batches.
+    ema_decay: keep an EMA of G's parameters (0: none), used for sampling.
+    spectral_norm: spectral normalisation of D's layers.
+    discriminator_batch_norm: BatchNorm in D (the tutorial's model).
+    compute_dtype: 'float32' or 'bfloat16' (parameters and optimiser state
+      stay float32).
   """
 
   noise_dim: int = 100
@@ -31,7 +47,15 @@ class DCGANConfig:
   generator_batch_norm: bool = True
   discriminator_channels_1: int = 64
   discriminator_channels_2: int = 128
+  discriminator_batch_norm: bool = True
+  spectral_norm: bool = False
   loss: str = 'non_saturating'
+  penalty: str = 'none'
+  penalty_weight: float = 10.0
+  penalty_every: int = 1
+  n_critic: int = 1
+  ema_decay: float = 0.0
+  compute_dtype: str = 'float32'
   learning_rate: float = 2e-4
   beta1: float = 0.5
   batch_size: int = 64
@@ -41,21 +65,35 @@ class DCGANConfig:
   RESUME_FIELDS = (
       'noise_dim', 'generator_hidden_dim', 'generator_base_channels',
       'generator_conv_channels', 'generator_batch_norm',
-      'discriminator_channels_1', 'discriminator_channels_2', 'batch_size')
+      'discriminator_channels_1', 'discriminator_channels_2',
+      'discriminator_batch_norm', 'spectral_norm', 'n_critic', 'ema_decay',
+      'batch_size')
 
   def __post_init__(self):
     for name in ('noise_dim', 'generator_hidden_dim',
                  'generator_base_channels', 'generator_conv_channels',
                  'discriminator_channels_1', 'discriminator_channels_2',
-                 'batch_size'):
+                 'batch_size', 'penalty_every', 'n_critic'):
       value = getattr(self, name)
       if (not isinstance(value, int) or isinstance(value, bool) or value < 1
           or value > _MAX_SIZE):
         raise ValueError(f'{name} must be an integer in [1, {_MAX_SIZE}], '
                          f'got {value!r}.')
-    if not isinstance(self.generator_batch_norm, bool):
-      raise ValueError(f'generator_batch_norm must be True or False, got '
-                       f'{self.generator_batch_norm!r}.')
+    for name in ('generator_batch_norm', 'discriminator_batch_norm',
+                 'spectral_norm'):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f'{name} must be True or False, got '
+                         f'{getattr(self, name)!r}.')
+    if self.penalty != 'none':
+      penalties.Penalty(self.penalty, self.penalty_weight,
+                        self.penalty_every).validate()
+    if not 0.0 <= self.ema_decay < 1.0:
+      raise ValueError(f'ema_decay must be in [0, 1) (0: no EMA), got '
+                       f'{self.ema_decay}.')
+    if self.compute_dtype not in COMPUTE_DTYPES:
+      raise ValueError(f'compute_dtype must be one of '
+                       f'{sorted(COMPUTE_DTYPES)}, got '
+                       f'{self.compute_dtype!r}.')
     if not 0.0 < self.learning_rate < 1.0:
       raise ValueError(
           f'learning_rate must be in (0, 1), got {self.learning_rate}.')
@@ -68,24 +106,33 @@ class DCGANConfig:
         noise_dim=self.noise_dim, hidden_dim=self.generator_hidden_dim,
         base_channels=self.generator_base_channels,
         conv_channels=self.generator_conv_channels,
-        batch_norm=self.generator_batch_norm)
+        batch_norm=self.generator_batch_norm,
+        dtype=COMPUTE_DTYPES[self.compute_dtype])
 
   def discriminator(self) -> models.Discriminator:
     return models.Discriminator(
         channels_1=self.discriminator_channels_1,
-        channels_2=self.discriminator_channels_2)
+        channels_2=self.discriminator_channels_2,
+        batch_norm=self.discriminator_batch_norm,
+        spectral_norm=self.spectral_norm,
+        dtype=COMPUTE_DTYPES[self.compute_dtype])
 
   def optimizer(self) -> optax.GradientTransformation:
     return train.adam(self.learning_rate, self.beta1)
 
   def gan_loss(self) -> losses.GANLoss:
-    return losses.get_loss(self.loss)
+    """The objective: loss pair, penalty and D updates per G update."""
+    penalty = (None if self.penalty == 'none' else penalties.Penalty(
+        self.penalty, float(self.penalty_weight), self.penalty_every))
+    return losses.get_loss(self.loss)._replace(penalty=penalty,
+                                               n_critic=self.n_critic)
 
   def create_train_states(self, key: jax.Array):
     """`(state_g, state_d)` for this config, initialised from `key`."""
     optimizer = self.optimizer()
     return train.create_train_states(
-        key, self.generator(), self.discriminator(), optimizer, optimizer)
+        key, self.generator(), self.discriminator(), optimizer, optimizer,
+        ema_decay=self.ema_decay or None)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -97,7 +144,11 @@ class DCGANConfig:
 
   def resume_mismatches(self, saved: dict[str, Any]) -> list[str]:
     """Describes each resume-relevant field where `saved` differs."""
-    return [f'{name}: checkpoint has {saved.get(name)!r}, now '
+    # A field the saved config predates had its default value then.
+    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    saved = {name: saved.get(name, defaults[name])
+             for name in self.RESUME_FIELDS}
+    return [f'{name}: checkpoint has {saved[name]!r}, now '
             f'{getattr(self, name)!r}'
             for name in self.RESUME_FIELDS
-            if saved.get(name) != getattr(self, name)]
+            if saved[name] != getattr(self, name)]

@@ -11,7 +11,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-STEP_COLUMNS = ('phase', 'step', 'd_loss', 'g_loss', 'd_real', 'd_fake')
+STEP_COLUMNS = ('phase', 'step', 'd_loss', 'g_loss', 'd_real', 'd_fake',
+                'd_penalty')
 
 
 def truncate_log(path: str, keep) -> None:
@@ -134,7 +135,7 @@ class RunLogger:
       return {}
     with open(self.steps_path, newline='') as f:
       rows = [r for r in csv.DictReader(f) if r['phase'] == phase]
-    return {name: np.array([float(r[name]) if r[name] else np.nan
+    return {name: np.array([float(r[name]) if r.get(name) else np.nan
                             for r in rows])
             for name in STEP_COLUMNS[1:]}
 

@@ -27,11 +27,16 @@ class GeneratorState(train_state.TrainState):
 
   Attributes:
     batch_stats: BatchNorm running averages (an empty dict without BatchNorm).
+    ema_params: an exponential moving average of `params`, updated after
+      every G update, or None (no EMA). Sampling uses it by default.
     noise_dim: size of the noise vector the generator takes (static).
+    ema_decay: the EMA's decay per G update (static; 0 without EMA).
   """
 
   batch_stats: Any = None
+  ema_params: Any = None
   noise_dim: int = struct.field(pytree_node=False, default=100)
+  ema_decay: float = struct.field(pytree_node=False, default=0.0)
 
 
 class DiscriminatorState(train_state.TrainState):
@@ -60,6 +65,7 @@ def create_train_states(
     optimizer_g: optax.GradientTransformation,
     optimizer_d: optax.GradientTransformation,
     image_shape: tuple[int, int, int] = IMAGE_SHAPE,
+    ema_decay: float | None = None,
 ) -> tuple[GeneratorState, DiscriminatorState]:
   """Initialises both networks and their optimisers.
 
@@ -72,10 +78,14 @@ def create_train_states(
     optimizer_g: the generator's optimiser.
     optimizer_d: the discriminator's optimiser.
     image_shape: `(H, W, C)` of real and generated images.
+    ema_decay: keep an exponential moving average of G's parameters with
+      this decay in [0, 1) (e.g. 0.999), or None for no average.
 
   Returns:
     `(state_g, state_d)`, with steps at 0.
   """
+  if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f'ema_decay must be in [0, 1) or None, got {ema_decay}.')
   key_g, key_d = jax.random.split(key)
   noise_dim = int(generator.noise_dim)
 
@@ -99,8 +109,13 @@ def create_train_states(
   zero = lambda: jnp.zeros((), jnp.int32)
   state_g = GeneratorState.create(
       apply_fn=generator.apply, params=vars_g['params'], tx=optimizer_g,
-      batch_stats=vars_g.get('batch_stats', {}), noise_dim=noise_dim
+      batch_stats=vars_g.get('batch_stats', {}), noise_dim=noise_dim,
+      ema_decay=0.0 if ema_decay is None else float(ema_decay),
   ).replace(step=zero())
+  if ema_decay is not None:
+    # A copy, not an alias: the params buffers are donated by the steps.
+    state_g = state_g.replace(ema_params=jax.tree.map(jnp.copy,
+                                                      state_g.params))
   state_d = DiscriminatorState.create(
       apply_fn=discriminator.apply, params=vars_d['params'], tx=optimizer_d,
       batch_stats=vars_d.get('batch_stats', {}),
@@ -153,12 +168,15 @@ def to_float_images(images: jax.typing.ArrayLike,
   return images.astype(jnp.float32)
 
 
-def _generator_vars(state_g: GeneratorState, params=None) -> dict:
-  return {'params': state_g.params if params is None else params,
-          'batch_stats': state_g.batch_stats}
+def _generator_vars(state_g: GeneratorState, params=None,
+                    use_ema: bool = False) -> dict:
+  if params is None:
+    params = (state_g.ema_params if use_ema and state_g.ema_params is not None
+              else state_g.params)
+  return {'params': params, 'batch_stats': state_g.batch_stats}
 
 
-def _discriminator_update(state_d, real, fake, loss):
+def _discriminator_update(state_d, real, fake, loss, key):
   """One optimiser step of D on a real and a generated batch."""
 
   def loss_fn(params):
@@ -170,10 +188,19 @@ def _discriminator_update(state_d, real, fake, loss):
     logits_fake, updates = state_d.apply_fn(
         {'params': params, 'batch_stats': updates['batch_stats']}, fake,
         train=True, mutable=['batch_stats'])
-    return (loss.discriminator(logits_real, logits_fake),
-            (updates['batch_stats'], logits_real, logits_fake))
+    adversarial = loss.discriminator(logits_real, logits_fake)
+    penalty = jnp.zeros((), jnp.float32)
+    if loss.penalty is not None:
+      def discriminator_fn(images):
+        # The penalty's own passes leave the running averages alone.
+        return state_d.apply_fn(
+            {'params': params, 'batch_stats': state_d.batch_stats}, images,
+            train=True, mutable=['batch_stats'])[0]
+      penalty = loss.penalty(discriminator_fn, real, fake, key, state_d.step)
+    return adversarial + penalty, (updates['batch_stats'], adversarial,
+                                   penalty, logits_real, logits_fake)
 
-  (d_loss, (batch_stats, logits_real, logits_fake)), grads = (
+  (_, (batch_stats, d_loss, penalty, logits_real, logits_fake)), grads = (
       jax.value_and_grad(loss_fn, has_aux=True)(state_d.params))
   state_d = state_d.apply_gradients(grads=grads, batch_stats=batch_stats)
   metrics = {
@@ -181,14 +208,47 @@ def _discriminator_update(state_d, real, fake, loss):
       'd_real': jnp.mean(jax.nn.sigmoid(logits_real)),
       'd_fake': jnp.mean(jax.nn.sigmoid(logits_fake)),
   }
+  if loss.penalty is not None:
+    metrics['d_penalty'] = penalty
   return state_d, metrics
+
+
+def _split_critic_batches(batch, image_shape, n_critic):
+  """`[n_critic * B, ...]` images -> `n_critic` float batches `[B, ...]`."""
+  real = to_float_images(batch, image_shape)
+  if real.shape[0] % n_critic:
+    raise ValueError(
+        f'With n_critic={n_critic} a step takes n_critic batches at once: '
+        f'the batch of {real.shape[0]} images must be a multiple of '
+        f'{n_critic}.')
+  return real.reshape(n_critic, real.shape[0] // n_critic, *real.shape[1:])
+
+
+def _critic_keys(key, n_critic):
+  """Penalty keys of the step's D updates and noise keys of the extra ones."""
+  aux = jax.random.fold_in(key, 1)
+  return ([jax.random.fold_in(aux, 2 * i) for i in range(n_critic)],
+          [jax.random.fold_in(aux, 2 * i + 1) for i in range(n_critic - 1)])
 
 
 def _train_step(state_g: GeneratorState, state_d: DiscriminatorState,
                 batch: jax.Array, key: jax.Array,
                 loss: losses_lib.GANLoss = losses_lib.NON_SATURATING):
-  real = to_float_images(batch, state_d.image_shape)
-  z = sample_noise(key, real.shape[0], state_g.noise_dim)
+  reals = _split_critic_batches(batch, state_d.image_shape, loss.n_critic)
+  batch_size = reals.shape[1]
+  penalty_keys, noise_keys = _critic_keys(key, loss.n_critic)
+
+  # The extra critic updates: fresh samples, G's statistics untouched.
+  for i in range(loss.n_critic - 1):
+    z = sample_noise(noise_keys[i], batch_size, state_g.noise_dim)
+    fake, _ = state_g.apply_fn(_generator_vars(state_g), z, train=True,
+                               mutable=['batch_stats'])
+    state_d, _ = _discriminator_update(state_d, reals[i],
+                                       jax.lax.stop_gradient(fake), loss,
+                                       penalty_keys[i])
+
+  real = reals[-1]
+  z = sample_noise(key, batch_size, state_g.noise_dim)
 
   def generate(params):
     fake, updates = state_g.apply_fn(
@@ -201,19 +261,25 @@ def _train_step(state_g: GeneratorState, state_d: DiscriminatorState,
   fake, generator_vjp, batch_stats_g = jax.vjp(
       generate, state_g.params, has_aux=True)
 
-  state_d, metrics = _discriminator_update(state_d, real, fake, loss)
+  state_d, metrics = _discriminator_update(state_d, real, fake, loss,
+                                           penalty_keys[-1])
 
-  def generator_loss(fake):
-    # D runs in training mode, as during its own update, but this pass only
-    # serves G's gradient: D's running averages are left as they are.
-    logits_fake, _ = state_d.apply_fn(
-        {'params': state_d.params, 'batch_stats': state_d.batch_stats}, fake,
-        train=True, mutable=['batch_stats'])
-    return loss.generator(logits_fake)
+  def score(images):
+    # D runs in training mode, as during its own update, but these passes
+    # only serve G's gradient: D's running averages are left as they are.
+    return state_d.apply_fn(
+        {'params': state_d.params, 'batch_stats': state_d.batch_stats},
+        images, train=True, mutable=['batch_stats'])[0]
 
-  g_loss, grad_fake = jax.value_and_grad(generator_loss)(fake)
+  logits_real = (jax.lax.stop_gradient(score(real))
+                 if loss.generator_needs_real else None)
+  g_loss, grad_fake = jax.value_and_grad(
+      lambda fake: loss.generator(score(fake), logits_real))(fake)
   (grads_g,) = generator_vjp(grad_fake)
   state_g = state_g.apply_gradients(grads=grads_g, batch_stats=batch_stats_g)
+  if state_g.ema_params is not None:
+    state_g = state_g.replace(ema_params=optax.incremental_update(
+        state_g.params, state_g.ema_params, 1.0 - state_g.ema_decay))
   metrics['g_loss'] = g_loss
   return state_g, state_d, metrics
 
@@ -229,7 +295,9 @@ def train_step(state_g: GeneratorState, state_d: DiscriminatorState,
   `G(z)` with G in training mode (its BatchNorm statistics are updated once
   per step); (2) update D on the real batch and `G(z)`, each passed through
   D separately in training mode; (3) update G on the same `G(z)` against the
-  already updated D. Both states' `step` increase by one.
+  already updated D, then its EMA if it keeps one. G's `step` increases by
+  one, D's by `loss.n_critic` (with `n_critic > 1`, that many D updates
+  precede (2), each on its own slice of the batch and fresh samples of G).
 
   Jitted with both states donated; `loss` is static. Same inputs and key
   give bit-identical outputs.
@@ -237,15 +305,16 @@ def train_step(state_g: GeneratorState, state_d: DiscriminatorState,
   Args:
     state_g: generator state (consumed).
     state_d: discriminator state (consumed).
-    batch: real images `[B, 28, 28, 1]`, uint8 in [0, 255] or float in
-      [-1, 1].
+    batch: real images `[n_critic * B, 28, 28, 1]`, uint8 in [0, 255] or
+      float in [-1, 1].
     key: PRNG key for this step, e.g. `jax.random.fold_in(run_key, step)`.
-    loss: the GAN loss pair.
+    loss: the GAN objective: loss pair, penalty, `n_critic`.
 
   Returns:
-    `(state_g, state_d, metrics)`; metrics are device scalars: `d_loss`,
-    `g_loss`, `d_real` (mean D(x)) and `d_fake` (mean D(G(z)) before D's
-    update).
+    `(state_g, state_d, metrics)`; metrics are device scalars: `d_loss`
+    (adversarial part), `g_loss`, `d_real` (mean D(x)), `d_fake` (mean
+    D(G(z)) before D's update) and, with a penalty, `d_penalty` (weighted);
+    all of the step's last D update.
   """
   return _train_step(state_g, state_d, batch, key, loss)
 
@@ -255,7 +324,8 @@ def _discriminator_step(state_g, state_d, batch, key,
   real = to_float_images(batch, state_d.image_shape)
   z = sample_noise(key, real.shape[0], state_g.noise_dim)
   fake = state_g.apply_fn(_generator_vars(state_g), z, train=False)
-  return _discriminator_update(state_d, real, fake, loss)
+  return _discriminator_update(state_d, real, fake, loss,
+                               _critic_keys(key, 1)[0][0])
 
 
 @functools.partial(jax.jit, donate_argnums=(1,), static_argnames=('loss',))
@@ -350,17 +420,20 @@ def _guarded(step_fn):
 
 
 def _scan_steps(step_fn, carry, images, key, first_step, num_steps,
-                batch_size, steps_per_epoch, unroll, num_shards=1):
+                batch_size, steps_per_epoch, unroll, num_shards=1, groups=1):
   """Runs `step_fn` for steps first_step .. first_step + num_steps - 1.
 
   Steps are guarded (see `_guarded`): the returned carry is that of the last
-  finite step, and the metrics gain a per-step bool `finite`.
+  finite step, and the metrics gain a per-step bool `finite`. Each step
+  takes `batch_size` images made of `groups` sub-batches (the D updates of
+  one step with `n_critic = groups`), each spread evenly over the shards.
   """
   num_examples = images.shape[0]
-  if num_examples % num_shards or batch_size % num_shards:
+  if (num_examples % num_shards or batch_size % groups
+      or (batch_size // groups) % num_shards):
     raise ValueError(
         f'With {num_shards} data shards the dataset size ({num_examples}) and '
-        f'the batch size ({batch_size}) must both be multiples of '
+        f'the batch size ({batch_size // groups}) must both be multiples of '
         f'{num_shards}; drop the remainder of the dataset '
         f'(jaxgan.parallel.shard_dataset does) and pick a batch size that '
         f'divides evenly.')
@@ -400,7 +473,10 @@ def _scan_steps(step_fn, carry, images, key, first_step, num_steps,
       indices = jax.lax.dynamic_slice_in_dim(
           order, position * shard_batch, shard_batch, axis=1)
       batch = jax.vmap(lambda block, i: jnp.take(block, i, axis=0))(
-          blocks, indices).reshape(batch_size, *images.shape[1:])
+          blocks, indices)
+      batch = batch.reshape(num_shards, groups, shard_batch // groups,
+                            *images.shape[1:]).swapaxes(0, 1)
+      batch = batch.reshape(batch_size, *images.shape[1:])
     return guarded_step(carry, batch, jax.random.fold_in(step_key, step))
 
   carry = (carry, jnp.array(False))
@@ -444,10 +520,11 @@ def train_loop(state_g: GeneratorState, state_d: DiscriminatorState,
       ideally already on the device.
     key: the loop key of the run; constant across calls.
     num_steps: steps in this call (static).
-    batch_size: images per step (static).
-    steps_per_epoch: batches per epoch, at most `N // batch_size` (the
-      default): the remainder of each shuffled epoch is dropped.
-    loss: the GAN loss pair (static).
+    batch_size: images per D update (static); a step takes
+      `batch_size * loss.n_critic`.
+    steps_per_epoch: steps per epoch, at most `N // (batch_size * n_critic)`
+      (the default): the remainder of each shuffled epoch is dropped.
+    loss: the GAN objective (static).
     unroll: `lax.scan`'s unroll (static). XLA:CPU compiles convolution
       gradients inside loop bodies several times slower than outside them,
       so on CPU prefer `num_steps=1`, which compiles without a loop.
@@ -468,7 +545,8 @@ def train_loop(state_g: GeneratorState, state_d: DiscriminatorState,
 
   (state_g, state_d), metrics = _scan_steps(
       step_fn, (state_g, state_d), images, key, state_g.step, num_steps,
-      batch_size, steps_per_epoch, unroll, num_shards)
+      batch_size * loss.n_critic, steps_per_epoch, unroll, num_shards,
+      groups=loss.n_critic)
   return state_g, state_d, metrics
 
 
@@ -514,33 +592,42 @@ def discriminator_loop(state_g: GeneratorState, state_d: DiscriminatorState,
                      batch_size, steps_per_epoch, unroll, num_shards)
 
 
-@functools.partial(jax.jit, static_argnames=('num',))
-def sample(state_g: GeneratorState, key: jax.Array, num: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=('num', 'use_ema'))
+def sample(state_g: GeneratorState, key: jax.Array, num: int,
+           use_ema: bool = True) -> jax.Array:
   """Generates `num` images with G in evaluation mode.
 
   Args:
     state_g: generator state (not modified).
     key: PRNG key for the noise.
     num: number of images (static).
+    use_ema: use the EMA of G's parameters when the state keeps one (static).
 
   Returns:
     `[num, 28, 28, 1]` float32 in [-1, 1].
   """
-  return generate(state_g, sample_noise(key, num, state_g.noise_dim))
+  return generate(state_g, sample_noise(key, num, state_g.noise_dim),
+                  use_ema=use_ema)
 
 
-@jax.jit
-def generate(state_g: GeneratorState, noise: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=('use_ema',))
+def generate(state_g: GeneratorState, noise: jax.Array,
+             use_ema: bool = True) -> jax.Array:
   """Generates images from given noise with G in evaluation mode.
+
+  With `use_ema` and an EMA in the state, the averaged parameters are used
+  with the running BatchNorm averages of the trained G.
 
   Args:
     state_g: generator state (not modified).
     noise: `[B, noise_dim]`.
+    use_ema: use the EMA of G's parameters when the state keeps one (static).
 
   Returns:
     `[B, 28, 28, 1]` float32 in [-1, 1].
   """
-  return state_g.apply_fn(_generator_vars(state_g), noise, train=False)
+  return state_g.apply_fn(_generator_vars(state_g, use_ema=use_ema), noise,
+                          train=False)
 
 
 @jax.jit

@@ -139,12 +139,58 @@ def test_resume_refuses_a_different_model(tmp_path, mnist_data_dir):
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['1']
 
 
+@pytest.mark.slow
+def test_toolkit_flags_train_resume_and_test(tmp_path, mnist_data_dir):
+  """WGAN-GP with 2 critic steps, spectral norm and an EMA of G, end to end."""
+  workdir = str(tmp_path / 'run')
+  common = [f'--workdir={workdir}', f'--data_dir={mnist_data_dir}',
+            '--steps_per_epoch=2', '--eval_samples=500',
+            '--num_test_samples=500']
+  toolkit = ['--loss=wasserstein', '--penalty=gradient_penalty',
+             '--n_critic=2', '--spectral_norm', '--ema_decay=0.9',
+             '--nodiscriminator_batch_norm']
+  first = _run(*common, *toolkit, '--num_epochs=1')
+  assert '2 steps of 128 images each' in first.stdout
+  # Checkpoints are numbered by D's updates: 2 per G update.
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['4']
+  # The resumed run takes the toolkit options from the checkpoint.
+  _run(*common, '--num_epochs=2')
+  config = jaxgan.DCGANConfig(
+      loss='wasserstein', penalty='gradient_penalty', n_critic=2,
+      spectral_norm=True, ema_decay=0.9, discriminator_batch_norm=False)
+  with jaxgan.Checkpointer(os.path.join(workdir, 'checkpoints')) as ckpt:
+    state_g, state_d, _, meta = ckpt.restore(
+        *config.create_train_states(jax.random.key(0)), 8)
+  assert int(state_g.step) == 4 and int(state_d.step) == 8
+  assert meta['config']['n_critic'] == 2
+  assert not leaves_equal(state_g.ema_params, state_g.params)
+  assert 'SpectralNorm_0' in state_d.batch_stats
+  with open(os.path.join(workdir, 'steps.csv')) as f:
+    rows = f.read().splitlines()
+  assert rows[0].endswith('d_penalty') and len(rows) == 5
+  assert all(float(row.split(',')[-1]) > 0 for row in rows[1:])
+  _run(*common, '--phase=test')
+  with open(os.path.join(workdir, 'test', 'summary.json')) as f:
+    summary = json.load(f)
+  assert summary['checkpoint_step'] == 8
+  assert np.isfinite(summary['generated']['fcd'])
+
+  changed = _run(*common, '--n_critic=1', '--num_epochs=3', check=False)
+  assert changed.returncode == 2
+  assert 'n_critic: checkpoint has 2, now 1' in changed.stderr
+  assert 'Traceback' not in changed.stderr
+
+
 @pytest.mark.parametrize('flags, message', [
     (['--phase=test'], 'No checkpoint'),
     (['--phase=discriminator'], 'Run --phase=train'),
     (['--phase=evaluate'], '<train|discriminator|test>'),
     (['--num_epochs=-1'], 'num_epochs'),
     (['--learning_rate=3'], 'learning_rate must be in'),
+    (['--loss=wgan'], 'minimax'),
+    (['--penalty=r1', '--penalty_weight=0'], 'weight must be positive'),
+    (['--ema_decay=1'], 'ema_decay must be in'),
+    (['--n_critic=0'], 'n_critic'),
 ])
 def test_bad_invocations_give_one_clear_message(tmp_path, flags, message):
   result = _run(f'--workdir={tmp_path}', *flags, check=False)

@@ -1,0 +1,321 @@
+"""Losses, penalties, n_critic, EMA, spectral norm and bfloat16."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxgan
+from jaxgan import losses
+from jaxgan import penalties
+from conftest import copy_tree
+
+
+def _softplus(x):
+  return math.log1p(math.exp(-abs(x))) + max(x, 0.0)
+
+
+REAL = [2.0, -1.0]
+FAKE = [0.5, -3.0]
+MEAN_REAL, MEAN_FAKE = 0.5, -1.25
+
+# loss name -> (D's loss, G's loss) on REAL and FAKE, computed by hand.
+HAND_VALUES = {
+    'minimax': ((_softplus(-2.0) + _softplus(1.0)) / 2
+                + (_softplus(0.5) + _softplus(-3.0)) / 2,
+                -(_softplus(0.5) + _softplus(-3.0)) / 2),
+    'non_saturating': ((_softplus(-2.0) + _softplus(1.0)) / 2
+                       + (_softplus(0.5) + _softplus(-3.0)) / 2,
+                       (_softplus(-0.5) + _softplus(3.0)) / 2),
+    # relu(1 - 2) = 0, relu(1 + 1) = 2; relu(1 + .5) = 1.5, relu(1 - 3) = 0.
+    'hinge': ((0.0 + 2.0) / 2 + (1.5 + 0.0) / 2, -(0.5 - 3.0) / 2),
+    'wasserstein': (-1.25 - 0.5, 1.25),
+    # ((2-1)^2 + (-1-1)^2) / 2 = 2.5; (.25 + 9) / 2 = 4.625; halved.
+    'least_squares': ((2.5 + 4.625) / 2,
+                      ((0.5 - 1) ** 2 + (-3 - 1) ** 2) / 2 / 2),
+    'relativistic_average': (
+        (_softplus(-(2.0 - MEAN_FAKE)) + _softplus(-(-1.0 - MEAN_FAKE))) / 2
+        + (_softplus(0.5 - MEAN_REAL) + _softplus(-3.0 - MEAN_REAL)) / 2,
+        (_softplus(-(0.5 - MEAN_REAL)) + _softplus(-(-3.0 - MEAN_REAL))) / 2
+        + (_softplus(2.0 - MEAN_FAKE) + _softplus(-1.0 - MEAN_FAKE)) / 2),
+}
+
+
+def test_every_registered_loss_has_hand_values():
+  assert sorted(HAND_VALUES) == jaxgan.available_losses()
+
+
+@pytest.mark.parametrize('name', sorted(HAND_VALUES))
+def test_loss_values(name):
+  loss = jaxgan.get_loss(name)
+  real, fake = jnp.array(REAL), jnp.array(FAKE)
+  want_d, want_g = HAND_VALUES[name]
+  np.testing.assert_allclose(float(loss.discriminator(real, fake)), want_d,
+                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(float(loss.generator(fake, real)), want_g,
+                             rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', sorted(HAND_VALUES))
+def test_loss_gradient_signs(name):
+  """D gains by scoring real higher and fake lower; G by raising its score."""
+  loss = jaxgan.get_loss(name)
+  # Logits inside every loss's margins: |logit| < 1 for the hinge, between
+  # the targets 0 and 1 for least squares.
+  real, fake = jnp.array([0.3, 0.6]), jnp.array([0.1, 0.4])
+  grad_real, grad_fake = jax.grad(loss.discriminator, argnums=(0, 1))(real,
+                                                                      fake)
+  assert bool(jnp.all(grad_real < 0)) and bool(jnp.all(grad_fake > 0))
+  grad_g = jax.grad(loss.generator)(fake, real)
+  assert bool(jnp.all(grad_g < 0))
+
+
+def test_relativistic_generator_loss_requires_real_logits():
+  assert jaxgan.get_loss('relativistic_average').generator_needs_real
+  with pytest.raises(ValueError, match='logits_real'):
+    losses.relativistic_generator_loss(jnp.zeros(2))
+
+
+def test_minimax_generator_gradient_vanishes_when_d_rejects_samples():
+  grad = jax.grad(losses.minimax_generator_loss)(jnp.array([-20.0]))
+  assert abs(float(grad[0])) < 1e-8  # The reason non-saturating exists.
+
+
+W = jnp.array([[[[0.5]], [[-1.0]]], [[[2.0]], [[0.0]]]])  # [2, 2, 1]-ish
+
+
+def _linear(images):
+  return jnp.sum(images * W[None, ..., 0], axis=(1, 2, 3))
+
+
+def test_penalties_of_a_linear_discriminator():
+  """D(x) = <w, x>: every input gradient is w, |w|^2 = 5.25."""
+  key = jax.random.key(0)
+  real = jax.random.normal(key, (3, 2, 2, 1))
+  fake = jax.random.normal(jax.random.key(1), (3, 2, 2, 1))
+  norm = math.sqrt(5.25)
+  np.testing.assert_allclose(
+      float(penalties.gradient_penalty(_linear, real, fake, key)),
+      (norm - 1.0) ** 2, rtol=1e-6)
+  np.testing.assert_allclose(float(penalties.r1_penalty(_linear, real)), 5.25,
+                             rtol=1e-6)
+
+
+def test_penalties_of_a_quadratic_discriminator():
+  """D(x) = |x|^2 / 2: the input gradient is x itself."""
+  quadratic = lambda x: 0.5 * jnp.sum(x ** 2, axis=(1, 2, 3))
+  real = jnp.arange(8.0).reshape(2, 2, 2, 1) / 4
+  norms = np.sqrt(np.sum(np.asarray(real).reshape(2, -1) ** 2, axis=1))
+  np.testing.assert_allclose(float(penalties.r1_penalty(quadratic, real)),
+                             np.mean(norms ** 2), rtol=1e-6)
+  # Interpolating x with itself is x, whatever the weights.
+  np.testing.assert_allclose(
+      float(penalties.gradient_penalty(quadratic, real, real,
+                                       jax.random.key(3))),
+      np.mean((norms - 1.0) ** 2), rtol=1e-6)
+  # Otherwise the interpolation weights come from the key.
+  zeros = jnp.zeros_like(real)
+  values = {float(penalties.gradient_penalty(quadratic, real, zeros,
+                                             jax.random.key(k)))
+            for k in range(3)}
+  assert len(values) == 3
+
+
+def test_lazy_penalty_is_applied_every_k_steps_scaled_by_k():
+  penalty = penalties.Penalty('r1', 0.5, every=3).validate()
+  real = jnp.ones((2, 2, 2, 1))
+  values = [float(penalty(_linear, real, real, jax.random.key(0),
+                          jnp.int32(step))) for step in range(6)]
+  np.testing.assert_allclose(values, [0.5 * 3 * 5.25, 0, 0] * 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize('fields, message', [
+    (dict(penalty='r2'), 'Unknown penalty'),
+    (dict(penalty='r1', penalty_weight=0.0), 'weight must be positive'),
+    (dict(penalty='r1', penalty_every=0), 'penalty_every'),
+    (dict(n_critic=0), 'n_critic'),
+    (dict(ema_decay=1.0), 'ema_decay'),
+    (dict(compute_dtype='float16'), 'compute_dtype'),
+    (dict(spectral_norm=1), 'spectral_norm'),
+])
+def test_config_refuses_bad_toolkit_options(fields, message):
+  with pytest.raises(ValueError, match=message):
+    jaxgan.DCGANConfig(**fields)
+
+
+def _states(seed=0, **fields):
+  config = jaxgan.DCGANConfig(batch_size=8, **fields)
+  return config, config.create_train_states(jax.random.key(seed))
+
+
+def _real(num, seed=0):
+  return jax.random.randint(jax.random.key(seed), (num, 28, 28, 1), 0, 256
+                            ).astype(jnp.uint8)
+
+
+def test_n_critic_runs_d_updates_on_their_own_batches():
+  """n_critic=2: D's update 1 on the first batch, then the ordinary step."""
+  config = jaxgan.DCGANConfig(batch_size=8, n_critic=2)
+  # SGD: Adam would blow the rounding noise of zero gradients (biases in
+  # front of BatchNorm) up to full-size updates.
+  g, d = jaxgan.create_train_states(
+      jax.random.key(0), config.generator(), config.discriminator(),
+      optax.sgd(0.1), optax.sgd(0.1))
+  loss = config.gan_loss()
+  batch, key = _real(16), jax.random.key(5)
+  got_g, got_d, _ = jaxgan.train_step(*copy_tree((g, d)), batch, key,
+                                      loss=loss)
+  assert int(got_g.step) == 1 and int(got_d.step) == 2
+
+  # By hand: the extra D update against fresh samples from its own key,
+  # then the one-critic step on the second half with the step's key.
+  _, noise_keys = jaxgan.train._critic_keys(key, 2)
+  z = jaxgan.sample_noise(noise_keys[0], 8, 100)
+  fake = g.apply_fn({'params': g.params, 'batch_stats': g.batch_stats}, z,
+                    train=True, mutable=['batch_stats'])[0]
+  single = loss._replace(n_critic=1)
+  d1, _ = jax.jit(jaxgan.train._discriminator_update, static_argnums=3)(
+      copy_tree(d), jaxgan.to_float_images(batch[:8]), fake, single,
+      jax.random.key(0))
+  want_g, want_d, _ = jaxgan.train_step(copy_tree(g), d1, batch[8:], key,
+                                        loss=single)
+  for want, got in ((want_d.params, got_d.params),
+                    (want_g.params, got_g.params)):
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_n_critic_loop_equals_steps_on_the_same_batches():
+  config, (g, d) = _states(n_critic=2, loss='wasserstein',
+                           penalty='gradient_penalty',
+                           discriminator_batch_norm=False)
+  loss = config.gan_loss()
+  images = _real(64)
+  key = jax.random.key(1)
+  loop_g, loop_d, metrics = jaxgan.train_loop(
+      *copy_tree((g, d)), images, key, num_steps=3, batch_size=8, loss=loss)
+  assert int(loop_g.step) == 3 and int(loop_d.step) == 6
+  assert metrics['d_penalty'].shape == (3,)
+  assert bool(jnp.all(metrics['d_penalty'] > 0))
+  shuffle_key, step_key = jaxgan.loop_keys(key)
+  order = jaxgan.epoch_permutation(shuffle_key, 0, 64)
+  step_g, step_d = copy_tree((g, d))
+  for step in range(3):
+    batch = images[order[step * 16:(step + 1) * 16]]
+    step_g, step_d, _ = jaxgan.train_step(
+        step_g, step_d, batch, jax.random.fold_in(step_key, step), loss=loss)
+  for a, b in zip(jax.tree.leaves((loop_g.params, loop_d.params)),
+                  jax.tree.leaves((step_g.params, step_d.params))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_ema_follows_the_incremental_update_and_is_sampled_by_default():
+  decay = 0.9
+  _, (g, d) = _states(ema_decay=decay)
+  np.testing.assert_array_equal(jax.tree.leaves(g.ema_params)[0],
+                                jax.tree.leaves(g.params)[0])
+  ema = copy_tree(g.params)
+  for step in range(3):
+    g, d, _ = jaxgan.train_step(g, d, _real(8, step), jax.random.key(step))
+    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema,
+                       g.params)
+  for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(g.ema_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  key = jax.random.key(9)
+  averaged = jaxgan.sample(g, key, 4)
+  live = jaxgan.sample(g, key, 4, use_ema=False)
+  assert not np.allclose(averaged, live)
+  by_hand = g.apply_fn({'params': g.ema_params, 'batch_stats': g.batch_stats},
+                       jaxgan.sample_noise(key, 4, 100), train=False)
+  np.testing.assert_allclose(averaged, by_hand, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_is_checkpointed(tmp_path):
+  _, (g, d) = _states(ema_decay=0.99)
+  g, d, _ = jaxgan.train_step(g, d, _real(8), jax.random.key(0))
+  checkpointer = jaxgan.Checkpointer(str(tmp_path / 'ckpt'))
+  checkpointer.save(1, g, d, jax.random.key(1), {'note': 'ema'})
+  checkpointer.wait_until_finished()
+  _, (g0, d0) = _states(ema_decay=0.99)
+  restored_g, _, _, _ = checkpointer.restore(g0, d0)
+  checkpointer.close()
+  for a, b in zip(jax.tree.leaves(g.ema_params),
+                  jax.tree.leaves(restored_g.ema_params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_spectral_norm_estimates_the_largest_singular_value():
+  discriminator = jaxgan.Discriminator(spectral_norm=True)
+  images = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1), minval=-1)
+  variables = discriminator.init(jax.random.key(1), images)
+  apply = jax.jit(lambda v: discriminator.apply(v, images, train=True,
+                                                mutable=['batch_stats'])[1])
+  for _ in range(100):  # Power iterations, one per training call.
+    variables = {**variables, **apply(variables)}
+  stats = variables['batch_stats']
+  for layer, kernel in (('SpectralNorm_0', 'Conv_0'),
+                        ('SpectralNorm_1', 'Conv_1'),
+                        ('SpectralNorm_2', 'Dense_0')):
+    weights = np.asarray(variables['params'][kernel]['kernel'])
+    largest = np.linalg.svd(weights.reshape(-1, weights.shape[-1]),
+                            compute_uv=False)[0]
+    # Power iteration approaches the largest singular value from below,
+    # slowly where the top two are close.
+    sigma = float(stats[layer][f'{kernel}/kernel/sigma'])
+    assert sigma <= largest * (1 + 1e-5)
+    np.testing.assert_allclose(sigma, largest, rtol=1e-2)
+  # Evaluation leaves the power iteration state alone.
+  _, updates = discriminator.apply(variables, images, train=False,
+                                   mutable=['batch_stats'])
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(stats)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_bfloat16_stays_finite_and_close_to_float32():
+  config32, (g32, d32) = _states()
+  config16 = jaxgan.DCGANConfig(batch_size=8, compute_dtype='bfloat16')
+  g16, d16 = config16.create_train_states(jax.random.key(0))
+  for leaf in jax.tree.leaves((g16.params, g16.opt_state, d16.params)):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert leaf.dtype == jnp.float32
+  z = jaxgan.sample_noise(jax.random.key(1), 8, 100)
+  images32 = jaxgan.generate(g32, z)
+  images16 = jaxgan.generate(g16, z)
+  assert images16.dtype == jnp.float32
+  np.testing.assert_allclose(images16, images32, atol=0.05)
+  logits = [jax.nn.sigmoid(d.apply_fn(
+      {'params': d.params, 'batch_stats': d.batch_stats}, images32))
+            for d in (d32, d16)]
+  np.testing.assert_allclose(*logits, atol=0.02)
+
+  batch = _real(8)
+  for step in range(3):
+    key = jax.random.key(step)
+    g32, d32, m32 = jaxgan.train_step(g32, d32, batch, key)
+    g16, d16, m16 = jaxgan.train_step(g16, d16, batch, key)
+  for name in ('d_loss', 'g_loss'):
+    assert bool(jnp.isfinite(m16[name]))
+    np.testing.assert_allclose(float(m16[name]), float(m32[name]), rtol=0.05)
+  for leaf in jax.tree.leaves(g16.params):
+    assert leaf.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(leaf)))
+
+
+@pytest.mark.parametrize('fields', [
+    dict(loss='hinge', spectral_norm=True),
+    dict(loss='least_squares', penalty='r1', penalty_weight=1.0,
+         penalty_every=2, ema_decay=0.99),
+    dict(loss='relativistic_average'),
+    dict(loss='minimax'),
+])
+def test_toolkit_combinations_train_without_nans(fields):
+  config, (g, d) = _states(**fields)
+  g, d, metrics = jaxgan.train_loop(
+      g, d, _real(64), jax.random.key(0), num_steps=4, batch_size=8,
+      loss=config.gan_loss())
+  assert bool(jnp.all(metrics['finite']))
+  assert int(g.step) == 4
+  for name, values in metrics.items():
+    assert bool(jnp.all(jnp.isfinite(values.astype(jnp.float32)))), name
