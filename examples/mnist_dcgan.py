@@ -28,6 +28,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -62,6 +63,11 @@ flags.DEFINE_float('beta1', _DEFAULTS.beta1,
                    "Adam's beta1 (DCGAN: 0.5; the tutorial used 0.9).")
 flags.DEFINE_integer('seed', 0, 'Seed of the run key (fixed at the first '
                      'checkpoint; a resumed run keeps its own).')
+flags.DEFINE_integer('num_seeds', 1, 'Train this many GANs, with seeds --seed, '
+                     '--seed+1, ..., in one compiled program (jax.vmap); '
+                     'evaluations report the mean and spread over seeds. '
+                     'Seed i gives the run that --seed=i alone would.',
+                     lower_bound=1)
 flags.DEFINE_string('mnist_dir', None,
                     'Folder with the four original MNIST .gz files, to prepare '
                     'the dataset offline (tfds manual download dir).')
@@ -157,7 +163,44 @@ _EVAL_FIELDS = ('fcd', 'classifier_score', 'classes_present',
 
 
 def _stream(run_key: jax.Array, stream: int) -> jax.Array:
+  """fold_in, per seed when `run_key` holds one key per seed."""
+  if run_key.ndim:
+    return jax.vmap(lambda key: jax.random.fold_in(key, stream))(run_key)
   return jax.random.fold_in(run_key, stream)
+
+
+def _run_keys(seed: int, num_seeds: int) -> jax.Array:
+  """The run key, or `[num_seeds]` keys of seeds seed, seed + 1, ..."""
+  if num_seeds == 1:
+    return jax.random.key(seed)
+  return jax.vmap(jax.random.key)(jnp.arange(seed, seed + num_seeds))
+
+
+def _initial_states(config: DCGANConfig, run_key: jax.Array):
+  """Fresh states of the run, stacked over seeds when there are several."""
+  if not run_key.ndim:
+    return config.create_train_states(_stream(run_key, _INIT))
+  return jaxgan.stack_seeds([config.create_train_states(key)
+                             for key in _stream(run_key, _INIT)])
+
+
+def _restore_templates(config: DCGANConfig, num_seeds: int):
+  """`(state_g, state_d, key)` shaped like a checkpoint of `num_seeds`."""
+  run_key = _run_keys(0, num_seeds)
+  return (*_initial_states(config, run_key), run_key)
+
+
+def _count(counter) -> int:
+  """A step counter as an int; the seeds of a run advance in lockstep."""
+  return int(np.asarray(counter).reshape(-1)[0])
+
+
+def _seed_states(tree):
+  """The per-seed states of a run (a list of one without seeds)."""
+  steps = np.asarray(tree[0].step if isinstance(tree, tuple) else tree.step)
+  if not steps.ndim:
+    return [tree]
+  return [jaxgan.seed_slice(tree, i) for i in range(len(steps))]
 
 
 def _make_config(**values) -> DCGANConfig:
@@ -240,10 +283,10 @@ class Run:
             f'--phase=train with this --workdir first.')
       config = _flag_config()
       meta = {'config': config.to_dict(), 'seed': FLAGS.seed,
-              'train_epoch': 0, 'discriminator_epoch': 0,
-              'steps_per_epoch': None}
-      run_key = jax.random.key(FLAGS.seed)
-      state_g, state_d = config.create_train_states(_stream(run_key, _INIT))
+              'num_seeds': FLAGS.num_seeds, 'train_epoch': 0,
+              'discriminator_epoch': 0, 'steps_per_epoch': None}
+      run_key = _run_keys(FLAGS.seed, FLAGS.num_seeds)
+      state_g, state_d = _initial_states(config, run_key)
       return config, state_g, state_d, run_key, meta
     failures = []
     for step in reversed(steps):
@@ -253,10 +296,16 @@ class Run:
         failures.append((step, e))
         continue
       config = _config_for_resume(saved['config'])
-      templates = config.create_train_states(jax.random.key(0))
+      num_seeds = saved.get('num_seeds', 1)
+      if FLAGS['num_seeds'].present and FLAGS.num_seeds != num_seeds:
+        raise CheckpointError(
+            f'The checkpoint in the workdir trains {num_seeds} seed(s), not '
+            f'--num_seeds={FLAGS.num_seeds}. Drop the flag to continue it, '
+            'or use a new --workdir.')
+      *templates, key_template = _restore_templates(config, num_seeds)
       try:
         state_g, state_d, run_key, meta = self.checkpointer.restore(
-            *templates, step=step)
+            *templates, step=step, key_template=key_template)
       except Exception as e:  # pylint: disable=broad-except
         failures.append((step, e))
         continue
@@ -283,12 +332,16 @@ class Run:
         f'({details}). Move the folder aside to start over, or restore it '
         'from a backup.')
 
+  def num_seeds(self, step: int) -> int:
+    """How many seeds checkpoint `step` holds."""
+    return self.checkpointer.read_meta(step).get('num_seeds', 1)
+
   def save(self, state_g, state_d, run_key, meta, best: bool = False) -> int:
     """Saves the latest checkpoint, and first the best one when `best`."""
     # Host copies: the next step donates the device buffers while orbax may
     # still be writing in the background.
     state_g, state_d = parallel.to_host((state_g, state_d))
-    step = int(state_d.step)
+    step = _count(state_d.step)
     # The best checkpoint goes first: a run stopped between the two saves
     # resumes from the previous latest one and repeats this evaluation.
     if best and step not in self.best.all_steps():
@@ -341,8 +394,8 @@ def _steps_per_epoch(num_examples: int, batch_size: int, saved: list) -> int:
 def _phase_step(phase: str, config: DCGANConfig, state_g, state_d) -> int:
   """Steps done in a phase: G's updates, or D's updates beyond training's."""
   if phase == 'train':
-    return int(state_g.step)
-  return int(state_d.step) - config.n_critic * int(state_g.step)
+    return _count(state_g.step)
+  return _count(state_d.step) - config.n_critic * _count(state_g.step)
 
 
 def _start_phase(run: Run, phase: str, require_checkpoint: bool):
@@ -539,7 +592,7 @@ def _loop_key(run_key: jax.Array, stream: int, meta: dict) -> jax.Array:
   """A phase's loop key; each rollback after divergence draws a new one."""
   key = _stream(run_key, stream)
   rollbacks = meta.get('rollbacks', 0)
-  return jax.random.fold_in(key, rollbacks) if rollbacks else key
+  return _stream(key, rollbacks) if rollbacks else key
 
 
 def _handle_divergence(run: Run, config: DCGANConfig, diverged: _Diverged,
@@ -560,8 +613,10 @@ def _handle_divergence(run: Run, config: DCGANConfig, diverged: _Diverged,
         f'{where}. Lower --learning_rate, or run again with '
         '--on_divergence=rollback to continue from the last checkpoint with '
         'new randomness.')
+  *templates, key_template = _restore_templates(config,
+                                                run.num_seeds(latest))
   state_g, state_d, run_key, meta = run.checkpointer.restore(
-      *config.create_train_states(jax.random.key(0)), step=latest)
+      *templates, step=latest, key_template=key_template)
   state_g, state_d = parallel.replicate((state_g, state_d), run.mesh)
   meta['rollbacks'] = meta.get('rollbacks', 0) + rollbacks_here + 1
   meta['config'] = config.to_dict()
@@ -574,11 +629,14 @@ def _handle_divergence(run: Run, config: DCGANConfig, diverged: _Diverged,
 
 
 def _save_grid(run: Run, state_g, noise, name: str, step: int) -> None:
+  """The grid of `noise`'s samples; with seeds, one row of 8 per seed."""
   if not run.main:
     return
-  picture = images_lib.image_grid(
-      np.asarray(jaxgan.generate(parallel.to_host(state_g), noise)),
-      columns=8)
+  generators = _seed_states(parallel.to_host(state_g))
+  if len(generators) > 1:
+    noise = noise[:8]
+  picture = images_lib.image_grid(np.concatenate([
+      np.asarray(jaxgan.generate(g, noise)) for g in generators]), columns=8)
   images_lib.save_png(picture, os.path.join(run.workdir, 'samples', name),
                       scale=2)
   run.logger.log_image('samples', picture, step)
@@ -601,6 +659,43 @@ def _evaluate(source, reference) -> metrics_lib.EvalResult:
   return metrics_lib.evaluate(source, reference, batch_size=_EVAL_BATCH)
 
 
+def _evaluate_seeds(host_g, reference, eval_key: jax.Array,
+                    num: int) -> dict:
+  """FCD, score and coverage of every seed's generator, as one summary.
+
+  With one seed, the summary is `EvalResult.to_dict()`. With several, each
+  number is the mean over seeds, with `<name>_std` (sample standard
+  deviation) beside it and every seed's own result under `per_seed`, as
+  Lucic et al. (2018) report GAN results. Seed i uses its own eval key, so
+  its numbers are those of a run of that seed alone.
+  """
+  generators = _seed_states(host_g)
+  keys = [eval_key] if len(generators) == 1 else list(eval_key)
+  results = [metrics_lib.evaluate(
+      lambda key, n, g=g: jaxgan.sample(g, key, n), reference,
+      num_samples=num, key=key, batch_size=_EVAL_BATCH).to_dict()
+             for g, key in zip(generators, keys)]
+  if len(results) == 1:
+    return results[0]
+  summary = {'num_seeds': len(results)}
+  for name in (*_EVAL_FIELDS, 'num_images'):
+    values = [r[name] for r in results]
+    summary[name] = float(np.mean(values))
+    summary[f'{name}_std'] = float(np.std(values, ddof=1))
+  summary['class_histogram'] = np.mean(
+      [r['class_histogram'] for r in results], axis=0).tolist()
+  summary['per_seed'] = results
+  return summary
+
+
+def _merge_seeds(metrics: dict) -> dict:
+  """Per-step metrics `[num_seeds, K]` -> the mean over seeds, `[K]`; a step
+  is finite when it is finite for every seed."""
+  return {name: (jnp.all(values, axis=0) if name == 'finite' else
+                 jnp.mean(values, axis=0))
+          for name, values in metrics.items()}
+
+
 def _eval_due(epoch: int) -> bool:
   every = FLAGS.eval_every_epochs
   return FLAGS.eval_samples > 0 and (
@@ -617,10 +712,10 @@ def _write_json(path: str, value) -> None:
 
 
 def _write_eval_summary(run: Run, meta: dict, epoch: int, step: int,
-                        result: metrics_lib.EvalResult) -> None:
+                        result: dict) -> None:
   """eval_summary.json: the latest evaluation and the best so far."""
   _write_json(os.path.join(run.workdir, 'eval_summary.json'), {
-      'final': {'epoch': epoch, 'step': step, **result.to_dict()},
+      'final': {'epoch': epoch, 'step': step, **result},
       'best': {'fcd': meta['best_fcd'], 'epoch': meta['best_epoch'],
                'step': meta['best_step'], 'checkpoint': os.path.join(
                    run.best.directory, str(meta['best_step']))}})
@@ -699,8 +794,10 @@ def train_phase(run: Run) -> None:
           f'--num_epochs to train more.')
     return
 
-  noise = jaxgan.sample_noise(_stream(run_key, _SAMPLES), _GRID_SAMPLES,
-                              config.noise_dim)
+  # One noise for every seed's grid row: the first seed's stream.
+  noise_key = _stream(run_key, _SAMPLES)
+  noise = jaxgan.sample_noise(noise_key[0] if noise_key.ndim else noise_key,
+                              _GRID_SAMPLES, config.noise_dim)
   chunk = _steps_per_call(spe)
   loss = config.gan_loss()
   # Every evaluation uses the same noise, so epochs compare like for like.
@@ -716,14 +813,16 @@ def train_phase(run: Run) -> None:
         f'{resumed}) on {jax.devices()[0].platform.upper()}; workdir '
         f'{run.workdir}')
 
-  train_loop = parallel.train_loop(run.mesh)
+  seeds = run_key.ndim > 0
+  train_loop = (parallel.train_loop_seeds if seeds else
+                parallel.train_loop)(run.mesh)
 
   def dispatch(phase, size, first_step):
     del first_step  # train_loop continues at state_g.step.
     phase.state_g, phase.state_d, metrics = train_loop(
         phase.state_g, phase.state_d, images, phase.loop_key, num_steps=size,
         batch_size=config.batch_size, steps_per_epoch=spe, loss=loss)
-    return metrics
+    return _merge_seeds(metrics) if seeds else metrics
 
   phase = _Phase(run, config, 'train', _TRAIN, spe, (state_g, state_d),
                  run_key, meta, step, dispatch)
@@ -740,27 +839,30 @@ def train_phase(run: Run) -> None:
       # Every process evaluates the same host copy, so all of them take the
       # same best-checkpoint decision (orbax saves collectively).
       host_g = parallel.to_host(phase.state_g)
-      last_eval = metrics_lib.evaluate(
-          lambda key, num: jaxgan.sample(host_g, key, num), reference,
-          num_samples=FLAGS.eval_samples, key=eval_key,
-          batch_size=_EVAL_BATCH)
-      record.update({name: getattr(last_eval, name)
-                     for name in _EVAL_FIELDS})
-      record['class_histogram'] = list(last_eval.class_histogram)
-      record['eval_samples'] = last_eval.num_images
+      last_eval = _evaluate_seeds(host_g, reference, eval_key,
+                                  FLAGS.eval_samples)
+      record.update({name: value for name, value in last_eval.items()
+                     if name in _EVAL_FIELDS or name.endswith('_std')})
+      record['class_histogram'] = list(last_eval['class_histogram'])
+      record['eval_samples'] = last_eval['num_images']
+      if 'per_seed' in last_eval:
+        record['fcd_per_seed'] = [r['fcd'] for r in last_eval['per_seed']]
       record['eval_seconds'] = time.time() - eval_start
       meta = phase.meta
-      is_best = meta.get('best_fcd') is None or last_eval.fcd < meta['best_fcd']
+      fcd = last_eval['fcd']
+      is_best = meta.get('best_fcd') is None or fcd < meta['best_fcd']
       if is_best:
         # Named like the checkpoint folder: D's update count.
-        meta.update(best_fcd=last_eval.fcd, best_epoch=done,
-                    best_step=int(phase.state_d.step))
+        meta.update(best_fcd=fcd, best_epoch=done,
+                    best_step=_count(phase.state_d.step))
       if run.main:
-        _write_eval_summary(run, meta, done, int(phase.state_d.step),
+        _write_eval_summary(run, meta, done, _count(phase.state_d.step),
                             last_eval)
-      eval_note = (f'  FCD {last_eval.fcd:.3f}{" (best)" if is_best else ""}'
-                   f'  score {last_eval.classifier_score:.2f}  digits '
-                   f'{last_eval.classes_present}')
+      spread = (f' ± {last_eval["fcd_std"]:.3f} over {last_eval["num_seeds"]}'
+                f' seeds' if 'fcd_std' in last_eval else '')
+      eval_note = (f'  FCD {fcd:.3f}{spread}{" (best)" if is_best else ""}'
+                   f'  score {last_eval["classifier_score"]:.2f}  digits '
+                   f'{last_eval["classes_present"]:g}')
     # Logged before the checkpoint: a resume trims what it does not cover.
     run.logger.log_epoch(record)
     run.save(phase.state_g, phase.state_d, phase.run_key, phase.meta,
@@ -782,9 +884,11 @@ def train_phase(run: Run) -> None:
         f'{run.checkpointer.latest_step()}.')
   if last_eval is not None:
     meta = phase.meta
-    print(f'Final FCD {last_eval.fcd:.3f}, classifier score '
-          f'{last_eval.classifier_score:.2f}, {last_eval.classes_present} '
-          f'digits present; best FCD {meta["best_fcd"]:.3f} at epoch '
+    print(f'Final FCD {last_eval["fcd"]:.3f}, classifier score '
+          f'{last_eval["classifier_score"]:.2f}, '
+          f'{last_eval["classes_present"]:g} digits present'
+          f'{" (means over seeds)" if "per_seed" in last_eval else ""}; '
+          f'best FCD {meta["best_fcd"]:.3f} at epoch '
           f'{meta["best_epoch"]} ({run.best.directory}/'
           f'{meta["best_step"]}).')
 
@@ -803,14 +907,16 @@ def discriminator_phase(run: Run) -> None:
         f'{FLAGS.num_epochs} ({spe} steps each{resumed}); the generator is '
         'frozen.')
 
-  discriminator_loop = parallel.discriminator_loop(run.mesh)
+  seeds = run_key.ndim > 0
+  discriminator_loop = (parallel.discriminator_loop_seeds if seeds else
+                        parallel.discriminator_loop)(run.mesh)
 
   def dispatch(phase, size, first_step):
     phase.state_d, metrics = discriminator_loop(
         phase.state_g, phase.state_d, images, phase.loop_key,
         np.int32(first_step), num_steps=size, batch_size=config.batch_size,
         steps_per_epoch=spe, loss=loss)
-    return metrics
+    return _merge_seeds(metrics) if seeds else metrics
 
   phase = _Phase(run, config, 'discriminator', _DISCRIMINATOR, spe,
                  (state_g, state_d), run_key, meta, step, dispatch)
@@ -856,9 +962,16 @@ def test_phase(run: Run) -> None:
   reference = _reference_statistics()
   test_images, _ = _load_split('test')
   train_images, _ = _load_split('train')
-  key = _stream(run_key, _TEST)
+  generators = _seed_states(state_g)
+  num_seeds = len(generators)
+  # With several seeds the table shows the first; the spread over all of
+  # them is summarised below it.
+  keys = [_stream(run_key, _TEST)] if num_seeds == 1 else list(
+      _stream(run_key, _TEST))
+  key = keys[0]
+  state_d = _seed_states(state_d)[0]
   sets = {
-      'generated': _generate(state_g, key, num),
+      'generated': _generate(generators[0], key, num),
       'real_train': np.asarray(jaxgan.to_float_images(train_images[:num])),
       'real_test': np.asarray(jaxgan.to_float_images(test_images[:num])),
       'uniform_noise': np.asarray(jax.random.uniform(
@@ -868,14 +981,17 @@ def test_phase(run: Run) -> None:
   best_step = run.best.latest_step()
   if best_step is not None:
     try:
-      best_g, _, _, _ = run.best.restore(
-          *config.create_train_states(_stream(run_key, _INIT)))
+      *templates, key_template = _restore_templates(config, num_seeds)
+      best_g, _, _, _ = run.best.restore(*templates,
+                                         key_template=key_template)
     except CheckpointError as e:
       print(f'warning: skipping the best checkpoint: {e}', file=sys.stderr)
       best_step = None
   if best_step is not None:
+    best_generators = _seed_states(best_g)
     sets = {'generated': sets.pop('generated'),
-            'best_generated': _generate(best_g, key, num), **sets}
+            'best_generated': _generate(best_generators[0], key, num),
+            **sets}
   summary = {
       'checkpoint_step': run.restored_step,
       'best_checkpoint_step': best_step,
@@ -891,6 +1007,17 @@ def test_phase(run: Run) -> None:
             images, np.asarray(jaxgan.discriminate(state_d, images))),
     }
     logging.info('Evaluated %s in %.1fs', name, time.time() - start)
+  if num_seeds > 1:
+    summary['seeds'] = {'num_seeds': num_seeds}
+    checkpoints = [('generated', generators)]
+    if best_step is not None:
+      checkpoints.append(('best_generated', best_generators))
+    for name, gens in checkpoints:
+      fcds = [summary[name]['fcd']] + [
+          _evaluate(_generate(g, k, num), reference).fcd
+          for g, k in zip(gens[1:], keys[1:])]
+      summary['seeds'][name] = {'fcd': fcds, 'fcd_mean': float(np.mean(fcds)),
+                                'fcd_std': float(np.std(fcds, ddof=1))}
   if not run.main:
     return
   out_dir = os.path.join(run.workdir, 'test')
@@ -915,6 +1042,11 @@ def test_phase(run: Run) -> None:
                 'discriminator_mean_probability'):
     print(f'{field:32s}' + ''.join(f'{float(summary[name][field]):16.4f}'
                                    for name in sets))
+  for name, seeds in summary.get('seeds', {}).items():
+    if name != 'num_seeds':
+      print(f'{name} over {num_seeds} seeds: FCD {seeds["fcd_mean"]:.3f} ± '
+            f'{seeds["fcd_std"]:.3f} (the table shows seed '
+            f'{meta.get("seed", 0)})')
   print(f'Lower FCD is better; real_train is the floor a perfect generator '
         f'would reach. Side by side (generated left, real right): {png}; '
         f'numbers in {os.path.join(out_dir, "summary.json")}')

@@ -42,9 +42,14 @@ from jaxgan.train import epoch_permutation
 from jaxgan.train import generate
 from jaxgan.train import loop_keys
 from jaxgan.train import sample
+from jaxgan.train import sample_seeds
+from jaxgan.train import seed_slice
+from jaxgan.train import stack_seeds
 from jaxgan.train import sample_noise
 from jaxgan.train import to_float_images
 from jaxgan.train import train_loop
+from jaxgan.train import train_loop_seeds
+from jaxgan.train import discriminator_loop_seeds
 from jaxgan.train import train_step
 
 __version__ = '0.1.0'

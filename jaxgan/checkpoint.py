@@ -133,7 +133,7 @@ class Checkpointer:
     return meta
 
   def restore(self, state_g: GeneratorState, state_d: DiscriminatorState,
-              step: int | None = None
+              step: int | None = None, key_template: jax.Array | None = None
               ) -> tuple[GeneratorState, DiscriminatorState, jax.Array,
                          dict[str, Any]]:
     """Restores a checkpoint into states shaped like the given ones.
@@ -143,6 +143,8 @@ class Checkpointer:
         one from `create_train_states`); gives structure, shapes and dtypes.
       state_d: likewise for the discriminator.
       step: which checkpoint; the latest if None.
+      key_template: a key of the saved key's shape (default: one key; a
+        `[num_seeds]` array of keys for runs stacked by `stack_seeds`).
 
     Returns:
       `(state_g, state_d, key, meta)`.
@@ -158,7 +160,8 @@ class Checkpointer:
       raise CheckpointError(f'No checkpoint in {self.directory}.')
     template_g = flax.serialization.to_state_dict(state_g)
     template_d = flax.serialization.to_state_dict(state_d)
-    key_template = {'data': jax.random.key_data(jax.random.key(0))}
+    key_template = {'data': jax.random.key_data(
+        jax.random.key(0) if key_template is None else key_template)}
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state_g=ocp.args.StandardRestore(_abstract(template_g)),

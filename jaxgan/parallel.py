@@ -268,6 +268,22 @@ def discriminator_loop(mesh: Mesh):
                        (rep, rep), (1,))
 
 
+@functools.lru_cache(maxsize=None)
+def train_loop_seeds(mesh: Mesh):
+  """`jaxgan.train_loop_seeds` compiled for the mesh (see `train_loop`)."""
+  rep = replicated(mesh)
+  return _compile_loop(train_lib.train_loop_seeds.__wrapped__, mesh, 4,
+                       (rep, rep, rep), (0, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def discriminator_loop_seeds(mesh: Mesh):
+  """`jaxgan.discriminator_loop_seeds` compiled for the mesh."""
+  rep = replicated(mesh)
+  return _compile_loop(train_lib.discriminator_loop_seeds.__wrapped__, mesh,
+                       5, (rep, rep), (1,))
+
+
 def to_host(tree: Any) -> Any:
   """Host numpy copies of replicated arrays (every process gets its own)."""
   return jax.tree.map(

@@ -592,6 +592,113 @@ def discriminator_loop(state_g: GeneratorState, state_d: DiscriminatorState,
                      batch_size, steps_per_epoch, unroll, num_shards)
 
 
+def stack_seeds(trees: Any) -> Any:
+  """Stacks per-run pytrees (states, keys) along a new leading seed axis.
+
+  Args:
+    trees: a sequence of pytrees of the same structure, e.g. one
+      `(state_g, state_d)` per seed.
+
+  Returns:
+    One pytree whose arrays are `[num_seeds, ...]`; static fields come from
+    the first tree.
+  """
+  trees = list(trees)
+  treedef = jax.tree.structure(trees[0])
+  # By leaves, not tree.map: each config call builds its own (equal but not
+  # identical) optimiser, a static field that tree.map would compare.
+  leaves = [jax.tree.leaves(tree) for tree in trees]
+  if any(len(l) != len(leaves[0]) for l in leaves):
+    raise ValueError('stack_seeds needs trees of one structure (states of '
+                     'one config).')
+  return jax.tree.unflatten(treedef, [jnp.stack(column)
+                                      for column in zip(*leaves)])
+
+
+def seed_slice(tree: Any, index: int) -> Any:
+  """The run `index` of a pytree stacked by `stack_seeds`."""
+  return jax.tree.map(lambda leaf: leaf[index], tree)
+
+
+@functools.partial(
+    jax.jit, donate_argnums=(0, 1),
+    static_argnames=('num_steps', 'batch_size', 'steps_per_epoch', 'loss',
+                     'unroll', 'num_shards'))
+def train_loop_seeds(state_g: GeneratorState, state_d: DiscriminatorState,
+                     images: jax.Array, keys: jax.Array, *, num_steps: int,
+                     batch_size: int, steps_per_epoch: int | None = None,
+                     loss: losses_lib.GANLoss = losses_lib.NON_SATURATING,
+                     unroll: int | bool = 1, num_shards: int = 1,
+                     ) -> tuple[GeneratorState, DiscriminatorState, Metrics]:
+  """`train_loop` for several independent runs in one compiled program.
+
+  The whole loop is mapped with `jax.vmap` over a leading seed axis of the
+  states and keys: run i equals `train_loop` on `seed_slice(states, i)` with
+  `keys[i]` (its own data order, noise and divergence guard), while the
+  dataset is shared. Different initial states, e.g. other learning rates
+  held in `optax.inject_hyperparams` state, map the same way.
+
+  Args:
+    state_g: generator states stacked by `stack_seeds` (consumed).
+    state_d: discriminator states stacked the same way (consumed).
+    images: the shared dataset, as for `train_loop`.
+    keys: the runs' loop keys, `[num_seeds]`.
+    num_steps: steps in this call (static).
+    batch_size: images per D update and run (static).
+    steps_per_epoch: as for `train_loop` (static).
+    loss: the GAN objective (static).
+    unroll: `lax.scan`'s unroll (static).
+    num_shards: data shards (static).
+
+  Returns:
+    `(state_g, state_d, metrics)` with metrics `[num_seeds, num_steps]`.
+  """
+  def one_run(state_g, state_d, key):
+    return train_loop.__wrapped__(
+        state_g, state_d, images, key, num_steps=num_steps,
+        batch_size=batch_size, steps_per_epoch=steps_per_epoch, loss=loss,
+        unroll=unroll, num_shards=num_shards)
+
+  return jax.vmap(one_run)(state_g, state_d, keys)
+
+
+@functools.partial(
+    jax.jit, donate_argnums=(1,),
+    static_argnames=('num_steps', 'batch_size', 'steps_per_epoch', 'loss',
+                     'unroll', 'num_shards'))
+def discriminator_loop_seeds(
+    state_g: GeneratorState, state_d: DiscriminatorState, images: jax.Array,
+    keys: jax.Array, first_step: jax.typing.ArrayLike, *, num_steps: int,
+    batch_size: int, steps_per_epoch: int | None = None,
+    loss: losses_lib.GANLoss = losses_lib.NON_SATURATING,
+    unroll: int | bool = 1, num_shards: int = 1,
+) -> tuple[DiscriminatorState, Metrics]:
+  """`discriminator_loop` for several runs at once (see `train_loop_seeds`).
+
+  Returns:
+    `(state_d, metrics)` with metrics `[num_seeds, num_steps]`.
+  """
+  def one_run(state_g, state_d, key):
+    return discriminator_loop.__wrapped__(
+        state_g, state_d, images, key, first_step, num_steps=num_steps,
+        batch_size=batch_size, steps_per_epoch=steps_per_epoch, loss=loss,
+        unroll=unroll, num_shards=num_shards)
+
+  return jax.vmap(one_run)(state_g, state_d, keys)
+
+
+@functools.partial(jax.jit, static_argnames=('num', 'use_ema'))
+def sample_seeds(state_g: GeneratorState, key: jax.Array, num: int,
+                 use_ema: bool = True) -> jax.Array:
+  """`sample` from every run of stacked generator states, same noise.
+
+  Returns:
+    `[num_seeds, num, 28, 28, 1]` float32 in [-1, 1].
+  """
+  noise = sample_noise(key, num, state_g.noise_dim)
+  return jax.vmap(lambda g: generate.__wrapped__(g, noise, use_ema))(state_g)
+
+
 @functools.partial(jax.jit, static_argnames=('num', 'use_ema'))
 def sample(state_g: GeneratorState, key: jax.Array, num: int,
            use_ema: bool = True) -> jax.Array:

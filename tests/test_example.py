@@ -181,6 +181,51 @@ def test_toolkit_flags_train_resume_and_test(tmp_path, mnist_data_dir):
   assert 'Traceback' not in changed.stderr
 
 
+@pytest.mark.slow
+def test_four_seeds_in_one_program_match_four_separate_runs(
+    tmp_path, mnist_data_dir):
+  common = [f'--data_dir={mnist_data_dir}', '--steps_per_epoch=2',
+            '--num_epochs=1', '--eval_samples=500']
+  together = str(tmp_path / 'seeds')
+  out = _run(f'--workdir={together}', '--seed=10', '--num_seeds=4', *common)
+  assert 'over 4 seeds' in out.stdout
+  (record,) = _jsonl(os.path.join(together, 'metrics.jsonl'))
+  assert len(record['fcd_per_seed']) == 4
+  np.testing.assert_allclose(record['fcd'], np.mean(record['fcd_per_seed']))
+  assert record['fcd_std'] > 0
+  grid = Image.open(os.path.join(together, 'samples', 'epoch_001.png'))
+  assert grid.size == (2 * (8 * 30 + 2), 2 * (4 * 30 + 2))  # A row per seed.
+
+  config = jaxgan.DCGANConfig()
+  templates = jaxgan.stack_seeds(
+      [config.create_train_states(jax.random.key(i)) for i in range(4)])
+  with jaxgan.Checkpointer(os.path.join(together, 'checkpoints')) as ckpt:
+    state_g, state_d, keys, meta = ckpt.restore(
+        *templates, key_template=jax.vmap(jax.random.key)(np.arange(4)))
+  assert meta['num_seeds'] == 4
+  for i in range(4):
+    alone = str(tmp_path / f'seed{i}')
+    _run(f'--workdir={alone}', f'--seed={10 + i}', *common)
+    (alone_record,) = _jsonl(os.path.join(alone, 'metrics.jsonl'))
+    np.testing.assert_allclose(record['fcd_per_seed'][i],
+                               alone_record['fcd'], rtol=2e-3)
+    alone_g, alone_d, alone_key, _ = _restore(alone, 2)
+    np.testing.assert_array_equal(jax.random.key_data(keys[i]),
+                                  jax.random.key_data(alone_key))
+    # Adam's first updates are +-lr whatever a gradient's size, so rounding
+    # noise (batched against unbatched convolutions) can move a parameter by
+    # at most 2 lr per step; a wrong seed would differ by far more.
+    bound = 2 * config.learning_rate * 2 + 1e-6
+    mine_g, mine_d = jaxgan.seed_slice((state_g, state_d), i)
+    for a, b in zip(jax.tree.leaves((alone_g.params, alone_d.params)),
+                    jax.tree.leaves((mine_g.params, mine_d.params))):
+      assert float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) <= bound
+  refused = _run(f'--workdir={together}', '--num_seeds=2', '--num_epochs=2',
+                 *common[:2], check=False)
+  assert refused.returncode == 2
+  assert 'trains 4 seed(s), not --num_seeds=2' in refused.stderr
+
+
 @pytest.mark.parametrize('flags, message', [
     (['--phase=test'], 'No checkpoint'),
     (['--phase=discriminator'], 'Run --phase=train'),
