@@ -99,3 +99,14 @@ def test_layer_benchmark_times_every_implementation(tmp_path):
     for impl in ('flax', 'matmul_grad', 'im2col'):
       for mode in ('plain', 'scan'):
         assert row[f'{impl}_{mode}_ms'] > 0
+
+
+def test_divergence_guard_benchmark_compares_both_loops(tmp_path):
+  out = tmp_path / 'guard.json'
+  stdout = _run('divergence_guard.py', '--batch_size=4', '--steps=2',
+                '--trials=1', f'--json={out}')
+  assert 'guarded / unguarded' in stdout
+  report = json.loads(out.read_text())
+  assert report['finiteness_checks']['unguarded'] == 0
+  assert report['finiteness_checks']['guarded'] > 0
+  assert report['guarded_over_unguarded'] > 0
