@@ -117,6 +117,10 @@ flags.DEFINE_integer('n_critic', _DEFAULTS.n_critic,
 flags.DEFINE_float('ema_decay', _DEFAULTS.ema_decay,
                    "Keep an EMA of G's parameters with this decay (e.g. "
                    '0.999) and sample and evaluate with it; 0: no EMA.')
+flags.DEFINE_bool('conditional', _DEFAULTS.conditional,
+                  'Class-conditional GAN: G takes the digit as input, D is a '
+                  'projection discriminator; grids get a row per digit and '
+                  'evaluations the classifier\'s accuracy per digit.')
 flags.DEFINE_bool('spectral_norm', _DEFAULTS.spectral_norm,
                   "Spectral normalisation of D's layers.")
 flags.DEFINE_bool('discriminator_batch_norm',
@@ -149,6 +153,8 @@ FLAGS = flags.FLAGS
 
 # Streams of the run key, fixed so a resumed run derives the same keys.
 _INIT, _TRAIN, _DISCRIMINATOR, _SAMPLES, _TEST, _EVAL = range(6)
+# Within an evaluation's key: the conditional-accuracy samples.
+_CONDITIONAL = 1 << 20
 _GRID_SAMPLES = 64
 # Checkpoint metadata key of each phase's steps per epoch (its epochs done
 # and partial-epoch metrics are under f'{phase}_epoch' and
@@ -214,7 +220,7 @@ def _make_config(**values) -> DCGANConfig:
 _CONFIG_FLAGS = ('learning_rate', 'beta1', 'batch_size', 'generator_batch_norm',
                  'loss', 'penalty', 'penalty_weight', 'penalty_every',
                  'n_critic', 'ema_decay', 'spectral_norm',
-                 'discriminator_batch_norm', 'compute_dtype')
+                 'discriminator_batch_norm', 'compute_dtype', 'conditional')
 
 
 def _flag_config() -> DCGANConfig:
@@ -367,16 +373,21 @@ def _load_split(split: str):
   return images, labels
 
 
-def _load_train(mesh) -> jax.Array:
-  """The training set on the mesh; each process reads only its own rows."""
+def _load_train(mesh, with_labels: bool):
+  """The training set on the mesh (the pair (images, labels) when
+  `with_labels`); each process reads only its own rows."""
   if jax.process_count() == 1:
-    images, _ = _load_split('train')
-    return parallel.shard_dataset(images, mesh)
-  total = split_size('train', data_dir=FLAGS.data_dir,
-                     mnist_dir=FLAGS.mnist_dir)
-  start, end = parallel.process_rows(total, mesh)
-  images, _ = _load_split(f'train[{start}:{end}]')
-  return parallel.shard_dataset(images, mesh, total)
+    total, split = None, 'train'
+  else:
+    total = split_size('train', data_dir=FLAGS.data_dir,
+                       mnist_dir=FLAGS.mnist_dir)
+    start, end = parallel.process_rows(total, mesh)
+    split = f'train[{start}:{end}]'
+  images, labels = _load_split(split)
+  images = parallel.shard_dataset(images, mesh, total)
+  if not with_labels:
+    return images
+  return images, parallel.shard_dataset(labels.astype(np.int32), mesh, total)
 
 
 def _steps_per_epoch(num_examples: int, batch_size: int, saved: list) -> int:
@@ -415,11 +426,11 @@ def _start_phase(run: Run, phase: str, require_checkpoint: bool):
   config, state_g, state_d, run_key, meta = run.restore_or_init(
       require=require_checkpoint)
   parallel.check_batch_size(config.batch_size, run.mesh)
-  images = _load_train(run.mesh)
+  images = _load_train(run.mesh, config.conditional)
   # A train step reads n_critic batches, one per D update.
   images_per_step = config.batch_size * (config.n_critic
                                          if phase == 'train' else 1)
-  spe = _steps_per_epoch(images.shape[0], images_per_step,
+  spe = _steps_per_epoch(jax.tree.leaves(images)[0].shape[0], images_per_step,
                          [meta.get(spe_key), meta.get('steps_per_epoch')])
   state_g, state_d = parallel.replicate((state_g, state_d), run.mesh)
   step = _phase_step(phase, config, state_g, state_d)
@@ -629,14 +640,21 @@ def _handle_divergence(run: Run, config: DCGANConfig, diverged: _Diverged,
 
 
 def _save_grid(run: Run, state_g, noise, name: str, step: int) -> None:
-  """The grid of `noise`'s samples; with seeds, one row of 8 per seed."""
+  """The grid of `noise`'s samples; with seeds, one row of 8 per seed; for a
+  conditional G, a row of 8 per digit (per seed)."""
   if not run.main:
     return
   generators = _seed_states(parallel.to_host(state_g))
-  if len(generators) > 1:
+  labels = None
+  if generators[0].num_classes:
+    classes = generators[0].num_classes
+    noise = jnp.tile(noise[:8], (classes, 1))
+    labels = jnp.repeat(jnp.arange(classes, dtype=jnp.int32), 8)
+  elif len(generators) > 1:
     noise = noise[:8]
   picture = images_lib.image_grid(np.concatenate([
-      np.asarray(jaxgan.generate(g, noise)) for g in generators]), columns=8)
+      np.asarray(jaxgan.generate(g, noise, labels)) for g in generators]),
+                                  columns=8)
   images_lib.save_png(picture, os.path.join(run.workdir, 'samples', name),
                       scale=2)
   run.logger.log_image('samples', picture, step)
@@ -648,11 +666,27 @@ def _reference_statistics() -> metrics_lib.FeatureStatistics:
       'test', data_dir=FLAGS.data_dir, mnist_dir=FLAGS.mnist_dir)
 
 
+def _balanced_labels(num: int, num_classes: int) -> np.ndarray:
+  """0, 1, ..., num_classes - 1, 0, 1, ...: `num` labels, classes balanced."""
+  return np.arange(num, dtype=np.int32) % num_classes
+
+
 def _generate(state_g, key: jax.Array, num: int) -> np.ndarray:
-  """`num` images in batches, batch i from fold_in(key, i) (as evaluate)."""
-  return np.concatenate([
-      np.asarray(jaxgan.sample(state_g, jax.random.fold_in(key, i), size))
-      for i, size in enumerate(iter_chunks(num, _EVAL_BATCH))])
+  """`num` images in batches, batch i from fold_in(key, i) (as evaluate);
+  a conditional G makes every digit equally often (`_balanced_labels`)."""
+  if not state_g.num_classes:
+    return np.concatenate([
+        np.asarray(jaxgan.sample(state_g, jax.random.fold_in(key, i), size))
+        for i, size in enumerate(iter_chunks(num, _EVAL_BATCH))])
+  labels = _balanced_labels(num, state_g.num_classes)
+  parts, start = [], 0
+  for i, size in enumerate(iter_chunks(num, _EVAL_BATCH)):
+    noise = jaxgan.sample_noise(jax.random.fold_in(key, i), size,
+                                state_g.noise_dim)
+    parts.append(np.asarray(jaxgan.generate(
+        state_g, noise, jnp.asarray(labels[start:start + size]))))
+    start += size
+  return np.concatenate(parts)
 
 
 def _evaluate(source, reference) -> metrics_lib.EvalResult:
@@ -675,10 +709,14 @@ def _evaluate_seeds(host_g, reference, eval_key: jax.Array,
       lambda key, n, g=g: jaxgan.sample(g, key, n), reference,
       num_samples=num, key=key, batch_size=_EVAL_BATCH).to_dict()
              for g, key in zip(generators, keys)]
+  if generators[0].num_classes:
+    for result, g, key in zip(results, generators, keys):
+      result.update(_conditional_accuracy(g, key, num))
   if len(results) == 1:
     return results[0]
   summary = {'num_seeds': len(results)}
-  for name in (*_EVAL_FIELDS, 'num_images'):
+  conditional = ('conditional_accuracy',) if generators[0].num_classes else ()
+  for name in (*_EVAL_FIELDS, *conditional, 'num_images'):
     values = [r[name] for r in results]
     summary[name] = float(np.mean(values))
     summary[f'{name}_std'] = float(np.std(values, ddof=1))
@@ -686,6 +724,18 @@ def _evaluate_seeds(host_g, reference, eval_key: jax.Array,
       [r['class_histogram'] for r in results], axis=0).tolist()
   summary['per_seed'] = results
   return summary
+
+
+def _conditional_accuracy(state_g, key: jax.Array, num: int) -> dict:
+  """The classifier's accuracy on `num` conditional samples, per digit."""
+  result = metrics_lib.conditional_accuracy(
+      lambda k, labels: jaxgan.generate(
+          state_g, jaxgan.sample_noise(k, len(labels), state_g.noise_dim),
+          labels),
+      max(1, num // state_g.num_classes), _stream(key, _CONDITIONAL),
+      num_classes=state_g.num_classes, batch_size=_EVAL_BATCH)
+  return {'conditional_accuracy': result['accuracy'],
+          'per_class_accuracy': result['per_class_accuracy']}
 
 
 def _merge_seeds(metrics: dict) -> dict:
@@ -842,7 +892,9 @@ def train_phase(run: Run) -> None:
       last_eval = _evaluate_seeds(host_g, reference, eval_key,
                                   FLAGS.eval_samples)
       record.update({name: value for name, value in last_eval.items()
-                     if name in _EVAL_FIELDS or name.endswith('_std')})
+                     if name in _EVAL_FIELDS or name.endswith('_std')
+                     or name in ('conditional_accuracy',
+                                 'per_class_accuracy')})
       record['class_histogram'] = list(last_eval['class_histogram'])
       record['eval_samples'] = last_eval['num_images']
       if 'per_seed' in last_eval:
@@ -863,6 +915,9 @@ def train_phase(run: Run) -> None:
       eval_note = (f'  FCD {fcd:.3f}{spread}{" (best)" if is_best else ""}'
                    f'  score {last_eval["classifier_score"]:.2f}  digits '
                    f'{last_eval["classes_present"]:g}')
+      if 'conditional_accuracy' in last_eval:
+        eval_note += (f'  digit accuracy '
+                      f'{last_eval["conditional_accuracy"]:.3f}')
     # Logged before the checkpoint: a resume trims what it does not cover.
     run.logger.log_epoch(record)
     run.save(phase.state_g, phase.state_d, phase.run_key, phase.meta,
@@ -960,8 +1015,8 @@ def test_phase(run: Run) -> None:
   config, state_g, state_d, run_key, meta = run.restore_or_init(require=True)
   num = FLAGS.num_test_samples
   reference = _reference_statistics()
-  test_images, _ = _load_split('test')
-  train_images, _ = _load_split('train')
+  test_images, test_labels = _load_split('test')
+  train_images, train_labels = _load_split('train')
   generators = _seed_states(state_g)
   num_seeds = len(generators)
   # With several seeds the table shows the first; the spread over all of
@@ -999,12 +1054,28 @@ def test_phase(run: Run) -> None:
       'discriminator_epochs': meta.get('discriminator_epoch'),
       'reference': f'MNIST test split, {reference.count} images',
   }
+  # A conditional D scores every image with a label: the real ones with
+  # their own, generated and noise images with the digits they were made as
+  # (`_balanced_labels`; noise has none, so it gets the same).
+  labels = {name: None for name in sets}
+  if config.conditional:
+    labels = {name: _balanced_labels(num, config.num_classes)
+              for name in sets}
+    labels.update(real_train=train_labels[:num].astype(np.int32),
+                  real_test=test_labels[:num].astype(np.int32))
+    summary['conditional_accuracy'] = {
+        'generated': _conditional_accuracy(generators[0], key, num)}
+    if best_step is not None:
+      summary['conditional_accuracy']['best_generated'] = (
+          _conditional_accuracy(best_generators[0], key, num))
   for name, images in sets.items():
     start = time.time()
+    probabilities = np.asarray(jaxgan.discriminate(
+        state_d, images, None if labels[name] is None else
+        jnp.asarray(labels[name])))
     summary[name] = {
         **_evaluate(images, reference).to_dict(),
-        **_image_statistics(
-            images, np.asarray(jaxgan.discriminate(state_d, images))),
+        **_image_statistics(images, probabilities),
     }
     logging.info('Evaluated %s in %.1fs', name, time.time() - start)
   if num_seeds > 1:
@@ -1042,6 +1113,11 @@ def test_phase(run: Run) -> None:
                 'discriminator_mean_probability'):
     print(f'{field:32s}' + ''.join(f'{float(summary[name][field]):16.4f}'
                                    for name in sets))
+  for name, result in summary.get('conditional_accuracy', {}).items():
+    print(f'{name}: the classifier recognises the requested digit in '
+          f'{result["conditional_accuracy"]:.1%} of samples (per digit: '
+          + ', '.join(f'{a:.2f}' for a in result['per_class_accuracy'])
+          + '); in the side-by-side grid, column j shows digit j')
   for name, seeds in summary.get('seeds', {}).items():
     if name != 'num_seeds':
       print(f'{name} over {num_seeds} seeds: FCD {seeds["fcd_mean"]:.3f} ± '

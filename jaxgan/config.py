@@ -13,6 +13,7 @@ from jaxgan import penalties
 from jaxgan import train
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+NUM_CLASSES = 10
 
 
 # Widths and batch sizes beyond this are typos, not experiments: they would
@@ -35,6 +36,8 @@ class DCGANConfig:
     n_critic: D updates per G update; a step then reads n_critic batches.
     ema_decay: keep an EMA of G's parameters (0: none), used for sampling.
     spectral_norm: spectral normalisation of D's layers.
+    conditional: class-conditional G (one-hot label input) and projection
+      D; batches are then `(images, labels)` pairs.
     discriminator_batch_norm: BatchNorm in D (the tutorial's model).
     compute_dtype: 'float32' or 'bfloat16' (parameters and optimiser state
       stay float32).
@@ -49,6 +52,7 @@ class DCGANConfig:
   discriminator_channels_2: int = 128
   discriminator_batch_norm: bool = True
   spectral_norm: bool = False
+  conditional: bool = False
   loss: str = 'non_saturating'
   penalty: str = 'none'
   penalty_weight: float = 10.0
@@ -66,8 +70,8 @@ class DCGANConfig:
       'noise_dim', 'generator_hidden_dim', 'generator_base_channels',
       'generator_conv_channels', 'generator_batch_norm',
       'discriminator_channels_1', 'discriminator_channels_2',
-      'discriminator_batch_norm', 'spectral_norm', 'n_critic', 'ema_decay',
-      'batch_size')
+      'discriminator_batch_norm', 'spectral_norm', 'conditional', 'n_critic',
+      'ema_decay', 'batch_size')
 
   def __post_init__(self):
     for name in ('noise_dim', 'generator_hidden_dim',
@@ -80,7 +84,7 @@ class DCGANConfig:
         raise ValueError(f'{name} must be an integer in [1, {_MAX_SIZE}], '
                          f'got {value!r}.')
     for name in ('generator_batch_norm', 'discriminator_batch_norm',
-                 'spectral_norm'):
+                 'spectral_norm', 'conditional'):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f'{name} must be True or False, got '
                          f'{getattr(self, name)!r}.')
@@ -101,12 +105,17 @@ class DCGANConfig:
       raise ValueError(f'beta1 must be in [0, 1), got {self.beta1}.')
     losses.get_loss(self.loss)  # Raises for an unknown name.
 
+  @property
+  def num_classes(self) -> int:
+    """MNIST's 10 digits for a conditional GAN, else 0."""
+    return NUM_CLASSES if self.conditional else 0
+
   def generator(self) -> models.Generator:
     return models.Generator(
         noise_dim=self.noise_dim, hidden_dim=self.generator_hidden_dim,
         base_channels=self.generator_base_channels,
         conv_channels=self.generator_conv_channels,
-        batch_norm=self.generator_batch_norm,
+        batch_norm=self.generator_batch_norm, num_classes=self.num_classes,
         dtype=COMPUTE_DTYPES[self.compute_dtype])
 
   def discriminator(self) -> models.Discriminator:
@@ -114,7 +123,7 @@ class DCGANConfig:
         channels_1=self.discriminator_channels_1,
         channels_2=self.discriminator_channels_2,
         batch_norm=self.discriminator_batch_norm,
-        spectral_norm=self.spectral_norm,
+        spectral_norm=self.spectral_norm, num_classes=self.num_classes,
         dtype=COMPUTE_DTYPES[self.compute_dtype])
 
   def optimizer(self) -> optax.GradientTransformation:

@@ -28,7 +28,7 @@ Example:
 import functools
 import os
 import zipfile
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -466,3 +466,48 @@ def mnist_reference_statistics(split: str = 'test', *,
     except OSError:
       pass  # A read-only cache dir just goes without a cache.
   return statistics
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _predictions(module, params, images):
+  return jnp.argmax(module.apply({'params': params}, images)[1], -1)
+
+
+def conditional_accuracy(generate_fn: Callable[[jax.Array, jax.Array], Any],
+                         num_per_class: int, key: jax.Array,
+                         num_classes: int = NUM_CLASSES,
+                         batch_size: int = 500,
+                         classifier: classifier_lib.Classifier | None = None
+                         ) -> dict[str, Any]:
+  """How often the classifier sees the requested digit in conditional samples.
+
+  Asks a class-conditional generator for `num_per_class` images of every
+  class and compares the classifier's predictions with the requested labels.
+
+  Args:
+    generate_fn: `(key, labels [n]) -> images [n, 28, 28, 1]` in [-1, 1].
+    num_per_class: images per class.
+    key: PRNG key; batch i gets `fold_in(key, i)`.
+    num_classes: classes asked for.
+    batch_size: images per call of `generate_fn`.
+    classifier: the classifier (default: the shipped one).
+
+  Returns:
+    `{'accuracy': mean over classes, 'per_class_accuracy': [num_classes]}`.
+  """
+  if num_per_class < 1:
+    raise JaxganError(f'num_per_class must be positive, got {num_per_class}.')
+  classifier = classifier or classifier_lib.load_classifier()
+  requested = np.repeat(np.arange(num_classes, dtype=np.int32), num_per_class)
+  correct = np.zeros(num_classes)
+  for i, start in enumerate(range(0, len(requested), batch_size)):
+    labels = requested[start:start + batch_size]
+    images = as_classifier_input(
+        generate_fn(jax.random.fold_in(key, i), jnp.asarray(labels)),
+        'generated images')
+    predicted = np.asarray(_predictions(classifier.module, classifier.params,
+                                        images))
+    np.add.at(correct, labels, predicted == labels)
+  per_class = correct / num_per_class
+  return {'accuracy': float(per_class.mean()),
+          'per_class_accuracy': per_class.tolist()}

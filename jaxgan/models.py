@@ -45,10 +45,13 @@ class Generator(nn.Module):
   stride 2) -> tanh, with leaky ReLU between layers. With `batch_norm=True`
   (the default) a BatchNorm follows each Dense layer and the first
   ConvTranspose; without it the generator is the tutorial's literal model,
-  which collapses to a single blurred digit within the first epoch.
+  which collapses to a single blurred digit within the first epoch. With
+  `num_classes > 0` it is class-conditional: the one-hot label is
+  concatenated to `z`.
 
   Attributes:
     noise_dim: size of the noise vector `z`.
+    num_classes: classes of a conditional generator; 0 for unconditional.
     hidden_dim: width of the first Dense layer.
     base_channels: channels of the 7x7 feature map.
     conv_channels: channels of the 14x14 feature map.
@@ -67,6 +70,7 @@ class Generator(nn.Module):
   """
 
   noise_dim: int = 100
+  num_classes: int = 0
   hidden_dim: int = 128
   base_channels: int = 128
   conv_channels: int = 64
@@ -87,11 +91,14 @@ class Generator(nn.Module):
         use_fast_variance=False, dtype=self.dtype)(x)
 
   @nn.compact
-  def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, z: jax.Array, labels: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
     """Generates images.
 
     Args:
       z: noise, `[B, noise_dim]`.
+      labels: int class labels `[B]` in [0, num_classes) for a conditional
+        generator; None otherwise.
       train: use batch statistics (and return updated running averages
         when `batch_stats` is mutable) instead of the running averages.
 
@@ -102,6 +109,7 @@ class Generator(nn.Module):
       raise ValueError(
           f'Generator expects noise of shape [B, {self.noise_dim}], got '
           f'{z.shape}; sample it with jaxgan.sample_noise.')
+    z = _with_labels(z, labels, self.num_classes, 'Generator')
     act = lambda x: nn.leaky_relu(x, self.leaky_slope)
     conv_transpose = functools.partial(_convolution, self.conv_kernel_grad,
                                        True)
@@ -118,6 +126,32 @@ class Generator(nn.Module):
         IMAGE_SHAPE[-1], (5, 5), strides=(2, 2), padding='SAME',
         dtype=self.dtype)(x)
     return jnp.tanh(x).astype(jnp.float32)
+
+
+def _check_labels(labels, batch: int, num_classes: int, who: str):
+  if num_classes == 0:
+    if labels is not None:
+      raise ValueError(f'{who} is unconditional (num_classes=0) but was '
+                       f'given labels.')
+    return None
+  if labels is None:
+    raise ValueError(f'{who} is conditional on {num_classes} classes: pass '
+                     f'int labels of shape [{batch}].')
+  labels = jnp.asarray(labels)
+  if labels.shape != (batch,) or not jnp.issubdtype(labels.dtype,
+                                                      jnp.integer):
+    raise ValueError(f'{who} expects int labels of shape [{batch}], got '
+                     f'{labels.dtype} {labels.shape}.')
+  return labels
+
+
+def _with_labels(z, labels, num_classes: int, who: str):
+  """z, with the one-hot labels appended for a conditional model."""
+  labels = _check_labels(labels, z.shape[0], num_classes, who)
+  if labels is None:
+    return z
+  return jnp.concatenate(
+      [z, jax.nn.one_hot(labels, num_classes, dtype=z.dtype)], axis=-1)
 
 
 class Discriminator(nn.Module):
@@ -142,6 +176,9 @@ class Discriminator(nn.Module):
     spectral_norm: divide every layer's kernel by its largest singular
       value (Miyato et al. 2018). One power iteration per training call;
       its vectors live in `batch_stats` and stay fixed in evaluation mode.
+    num_classes: classes of a conditional (projection) discriminator
+      (Miyato & Koyama 2018): the logit gains `<embed(y), phi(x)>`, phi the
+      features before the last layer; 0 for unconditional.
   """
 
   channels_1: int = 64
@@ -152,13 +189,17 @@ class Discriminator(nn.Module):
   conv_kernel_grad: str = 'auto'
   batch_norm: bool = True
   spectral_norm: bool = False
+  num_classes: int = 0
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, images: jax.Array, labels: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
     """Scores images.
 
     Args:
       images: `[B, H, W, C]` float images in [-1, 1].
+      labels: int class labels `[B]` for a conditional discriminator; None
+        otherwise.
       train: normalise with batch statistics (updating the running averages
         when `batch_stats` is mutable) instead of the running averages.
 
@@ -188,4 +229,13 @@ class Discriminator(nn.Module):
                        dtype=self.dtype)(x)
     x = nn.leaky_relu(x, self.leaky_slope)
     x = x.reshape(x.shape[0], -1)
-    return layer(nn.Dense(1, dtype=self.dtype), x)[:, 0].astype(jnp.float32)
+    logits = layer(nn.Dense(1, dtype=self.dtype), x)[:, 0]
+    labels = _check_labels(labels, x.shape[0], self.num_classes,
+                           'Discriminator')
+    if labels is not None:
+      # Scaled like the Dense head's initial weights (lecun normal).
+      embed = nn.Embed(self.num_classes, x.shape[-1], dtype=self.dtype,
+                       embedding_init=nn.initializers.normal(
+                           x.shape[-1] ** -0.5))
+      logits = logits + jnp.sum(embed(labels) * x, axis=-1)
+    return logits.astype(jnp.float32)

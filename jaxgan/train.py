@@ -31,12 +31,14 @@ class GeneratorState(train_state.TrainState):
       every G update, or None (no EMA). Sampling uses it by default.
     noise_dim: size of the noise vector the generator takes (static).
     ema_decay: the EMA's decay per G update (static; 0 without EMA).
+    num_classes: classes of a conditional generator (static; 0 if not).
   """
 
   batch_stats: Any = None
   ema_params: Any = None
   noise_dim: int = struct.field(pytree_node=False, default=100)
   ema_decay: float = struct.field(pytree_node=False, default=0.0)
+  num_classes: int = struct.field(pytree_node=False, default=0)
 
 
 class DiscriminatorState(train_state.TrainState):
@@ -45,11 +47,13 @@ class DiscriminatorState(train_state.TrainState):
   Attributes:
     batch_stats: BatchNorm running averages, updated only by training steps.
     image_shape: `(H, W, C)` of the images it scores (static).
+    num_classes: classes of a conditional discriminator (static; 0 if not).
   """
 
   batch_stats: Any = None
   image_shape: tuple[int, ...] = struct.field(
       pytree_node=False, default=IMAGE_SHAPE)
+  num_classes: int = struct.field(pytree_node=False, default=0)
 
 
 def adam(learning_rate: float = 2e-4, beta1: float = 0.5,
@@ -88,17 +92,26 @@ def create_train_states(
     raise ValueError(f'ema_decay must be in [0, 1) or None, got {ema_decay}.')
   key_g, key_d = jax.random.split(key)
   noise_dim = int(generator.noise_dim)
+  num_classes = int(getattr(generator, 'num_classes', 0))
+  if num_classes != int(getattr(discriminator, 'num_classes', 0)):
+    raise ValueError(
+        f'The generator has num_classes={num_classes} but the discriminator '
+        f'{getattr(discriminator, "num_classes", 0)}; a conditional GAN '
+        'needs both conditional on the same classes.')
+  labels = _labels_kwargs(jnp.zeros((1,), jnp.int32) if num_classes else None)
 
   @jax.jit
   def init(key_g, key_d):
-    vars_g = generator.init(key_g, jnp.zeros((1, noise_dim)), train=False)
+    vars_g = generator.init(key_g, jnp.zeros((1, noise_dim)), train=False,
+                            **labels)
     vars_d = discriminator.init(
-        key_d, jnp.zeros((1, *image_shape)), train=False)
+        key_d, jnp.zeros((1, *image_shape)), train=False, **labels)
     return vars_g, vars_d
 
   vars_g, vars_d = init(key_g, key_d)
   generated = jax.eval_shape(
-      lambda v: generator.apply(v, jnp.zeros((1, noise_dim))), vars_g)
+      lambda v: generator.apply(v, jnp.zeros((1, noise_dim)), **labels),
+      vars_g)
   if generated.shape[1:] != tuple(image_shape):
     raise ValueError(
         f'The generator makes images of shape {generated.shape[1:]} but '
@@ -111,6 +124,7 @@ def create_train_states(
       apply_fn=generator.apply, params=vars_g['params'], tx=optimizer_g,
       batch_stats=vars_g.get('batch_stats', {}), noise_dim=noise_dim,
       ema_decay=0.0 if ema_decay is None else float(ema_decay),
+      num_classes=num_classes,
   ).replace(step=zero())
   if ema_decay is not None:
     # A copy, not an alias: the params buffers are donated by the steps.
@@ -119,7 +133,8 @@ def create_train_states(
   state_d = DiscriminatorState.create(
       apply_fn=discriminator.apply, params=vars_d['params'], tx=optimizer_d,
       batch_stats=vars_d.get('batch_stats', {}),
-      image_shape=tuple(image_shape)).replace(step=zero())
+      image_shape=tuple(image_shape), num_classes=num_classes
+  ).replace(step=zero())
   return state_g, state_d
 
 
@@ -176,7 +191,62 @@ def _generator_vars(state_g: GeneratorState, params=None,
   return {'params': params, 'batch_stats': state_g.batch_stats}
 
 
-def _discriminator_update(state_d, real, fake, loss, key):
+def _labels_kwargs(labels) -> dict:
+  """Keyword arguments that pass labels to conditional models only."""
+  return {} if labels is None else {'labels': labels}
+
+
+# fold_in data of the key stream that draws generated images' labels.
+_LABEL_STREAM = 7
+
+
+def sample_labels(key: jax.Array, num: int, num_classes: int) -> jax.Array:
+  """Class labels drawn uniformly from [0, num_classes), `[num]` int32."""
+  return jax.random.randint(key, (num,), 0, num_classes, jnp.int32)
+
+
+def _fake_labels(state_g, key, num):
+  """Labels for G's samples drawn with noise key `key` (None if
+  unconditional): the same key's label stream, so noise and labels pair up."""
+  if not state_g.num_classes:
+    return None
+  return sample_labels(jax.random.fold_in(key, _LABEL_STREAM), num,
+                       state_g.num_classes)
+
+
+def split_batch(batch: Any, num_classes: int = 0,
+                image_shape: tuple[int, ...] = IMAGE_SHAPE):
+  """`(images, labels)` of a batch: float images and int labels or None.
+
+  Args:
+    batch: images `[B, H, W, C]` for an unconditional model, or the pair
+      `(images, labels [B])` for a conditional one.
+    num_classes: the model's classes (0: unconditional).
+    image_shape: `(H, W, C)`.
+
+  Returns:
+    Float images in [-1, 1] and int labels `[B]` (None if unconditional).
+  """
+  paired = isinstance(batch, (tuple, list))
+  if num_classes and not (paired and len(batch) == 2):
+    raise ValueError(f'A conditional model ({num_classes} classes) trains on '
+                     '(images, labels) pairs; pass the batch as a tuple.')
+  if not num_classes and paired:
+    raise ValueError('This model is unconditional: pass the images alone, '
+                     'or build it with num_classes to train on labels.')
+  images, labels = batch if paired else (batch, None)
+  images = to_float_images(images, image_shape)
+  if labels is not None:
+    labels = jnp.asarray(labels)
+    if (labels.shape != images.shape[:1]
+        or not jnp.issubdtype(labels.dtype, jnp.integer)):
+      raise ValueError(f'Expected int labels of shape [{images.shape[0]}], '
+                       f'got {labels.dtype} {tuple(labels.shape)}.')
+  return images, labels
+
+
+def _discriminator_update(state_d, real, fake, loss, key, real_labels=None,
+                          fake_labels=None):
   """One optimiser step of D on a real and a generated batch."""
 
   def loss_fn(params):
@@ -184,18 +254,20 @@ def _discriminator_update(state_d, real, fake, loss, key):
     # each is normalised with its own batch statistics.
     logits_real, updates = state_d.apply_fn(
         {'params': params, 'batch_stats': state_d.batch_stats}, real,
-        train=True, mutable=['batch_stats'])
+        train=True, mutable=['batch_stats'], **_labels_kwargs(real_labels))
     logits_fake, updates = state_d.apply_fn(
         {'params': params, 'batch_stats': updates['batch_stats']}, fake,
-        train=True, mutable=['batch_stats'])
+        train=True, mutable=['batch_stats'], **_labels_kwargs(fake_labels))
     adversarial = loss.discriminator(logits_real, logits_fake)
     penalty = jnp.zeros((), jnp.float32)
     if loss.penalty is not None:
       def discriminator_fn(images):
-        # The penalty's own passes leave the running averages alone.
+        # The penalty's own passes leave the running averages alone; its
+        # images (real, or interpolates from real) take the real labels.
         return state_d.apply_fn(
             {'params': params, 'batch_stats': state_d.batch_stats}, images,
-            train=True, mutable=['batch_stats'])[0]
+            train=True, mutable=['batch_stats'],
+            **_labels_kwargs(real_labels))[0]
       penalty = loss.penalty(discriminator_fn, real, fake, key, state_d.step)
     return adversarial + penalty, (updates['batch_stats'], adversarial,
                                    penalty, logits_real, logits_fake)
@@ -213,15 +285,19 @@ def _discriminator_update(state_d, real, fake, loss, key):
   return state_d, metrics
 
 
-def _split_critic_batches(batch, image_shape, n_critic):
-  """`[n_critic * B, ...]` images -> `n_critic` float batches `[B, ...]`."""
-  real = to_float_images(batch, image_shape)
+def _split_critic_batches(batch, state_d, n_critic):
+  """`[n_critic * B, ...]` images (and labels) -> `n_critic` batches."""
+  real, labels = split_batch(batch, state_d.num_classes, state_d.image_shape)
   if real.shape[0] % n_critic:
     raise ValueError(
         f'With n_critic={n_critic} a step takes n_critic batches at once: '
         f'the batch of {real.shape[0]} images must be a multiple of '
         f'{n_critic}.')
-  return real.reshape(n_critic, real.shape[0] // n_critic, *real.shape[1:])
+  size = real.shape[0] // n_critic
+  real = real.reshape(n_critic, size, *real.shape[1:])
+  if labels is None:
+    return real, [None] * n_critic
+  return real, labels.reshape(n_critic, size)
 
 
 def _critic_keys(key, n_critic):
@@ -234,26 +310,29 @@ def _critic_keys(key, n_critic):
 def _train_step(state_g: GeneratorState, state_d: DiscriminatorState,
                 batch: jax.Array, key: jax.Array,
                 loss: losses_lib.GANLoss = losses_lib.NON_SATURATING):
-  reals = _split_critic_batches(batch, state_d.image_shape, loss.n_critic)
+  reals, real_labels = _split_critic_batches(batch, state_d, loss.n_critic)
   batch_size = reals.shape[1]
   penalty_keys, noise_keys = _critic_keys(key, loss.n_critic)
 
   # The extra critic updates: fresh samples, G's statistics untouched.
   for i in range(loss.n_critic - 1):
     z = sample_noise(noise_keys[i], batch_size, state_g.noise_dim)
+    fake_labels = _fake_labels(state_g, noise_keys[i], batch_size)
     fake, _ = state_g.apply_fn(_generator_vars(state_g), z, train=True,
-                               mutable=['batch_stats'])
-    state_d, _ = _discriminator_update(state_d, reals[i],
-                                       jax.lax.stop_gradient(fake), loss,
-                                       penalty_keys[i])
+                               mutable=['batch_stats'],
+                               **_labels_kwargs(fake_labels))
+    state_d, _ = _discriminator_update(
+        state_d, reals[i], jax.lax.stop_gradient(fake), loss,
+        penalty_keys[i], real_labels[i], fake_labels)
 
-  real = reals[-1]
+  real, labels = reals[-1], real_labels[-1]
   z = sample_noise(key, batch_size, state_g.noise_dim)
+  fake_labels = _fake_labels(state_g, key, batch_size)
 
   def generate(params):
     fake, updates = state_g.apply_fn(
         _generator_vars(state_g, params), z, train=True,
-        mutable=['batch_stats'])
+        mutable=['batch_stats'], **_labels_kwargs(fake_labels))
     return fake, updates.get('batch_stats', {})
 
   # One forward pass of G serves both updates: its output feeds D's update,
@@ -261,20 +340,21 @@ def _train_step(state_g: GeneratorState, state_d: DiscriminatorState,
   fake, generator_vjp, batch_stats_g = jax.vjp(
       generate, state_g.params, has_aux=True)
 
-  state_d, metrics = _discriminator_update(state_d, real, fake, loss,
-                                           penalty_keys[-1])
+  state_d, metrics = _discriminator_update(
+      state_d, real, fake, loss, penalty_keys[-1], labels, fake_labels)
 
-  def score(images):
+  def score(images, image_labels):
     # D runs in training mode, as during its own update, but these passes
     # only serve G's gradient: D's running averages are left as they are.
     return state_d.apply_fn(
         {'params': state_d.params, 'batch_stats': state_d.batch_stats},
-        images, train=True, mutable=['batch_stats'])[0]
+        images, train=True, mutable=['batch_stats'],
+        **_labels_kwargs(image_labels))[0]
 
-  logits_real = (jax.lax.stop_gradient(score(real))
+  logits_real = (jax.lax.stop_gradient(score(real, labels))
                  if loss.generator_needs_real else None)
   g_loss, grad_fake = jax.value_and_grad(
-      lambda fake: loss.generator(score(fake), logits_real))(fake)
+      lambda fake: loss.generator(score(fake, fake_labels), logits_real))(fake)
   (grads_g,) = generator_vjp(grad_fake)
   state_g = state_g.apply_gradients(grads=grads_g, batch_stats=batch_stats_g)
   if state_g.ema_params is not None:
@@ -306,7 +386,8 @@ def train_step(state_g: GeneratorState, state_d: DiscriminatorState,
     state_g: generator state (consumed).
     state_d: discriminator state (consumed).
     batch: real images `[n_critic * B, 28, 28, 1]`, uint8 in [0, 255] or
-      float in [-1, 1].
+      float in [-1, 1]; for a conditional GAN the pair `(images, labels)`
+      with int labels `[n_critic * B]` (G's labels are drawn uniformly).
     key: PRNG key for this step, e.g. `jax.random.fold_in(run_key, step)`.
     loss: the GAN objective: loss pair, penalty, `n_critic`.
 
@@ -321,11 +402,14 @@ def train_step(state_g: GeneratorState, state_d: DiscriminatorState,
 
 def _discriminator_step(state_g, state_d, batch, key,
                         loss=losses_lib.NON_SATURATING):
-  real = to_float_images(batch, state_d.image_shape)
+  real, labels = split_batch(batch, state_d.num_classes, state_d.image_shape)
   z = sample_noise(key, real.shape[0], state_g.noise_dim)
-  fake = state_g.apply_fn(_generator_vars(state_g), z, train=False)
+  fake_labels = _fake_labels(state_g, key, real.shape[0])
+  fake = state_g.apply_fn(_generator_vars(state_g), z, train=False,
+                          **_labels_kwargs(fake_labels))
   return _discriminator_update(state_d, real, fake, loss,
-                               _critic_keys(key, 1)[0][0])
+                               _critic_keys(key, 1)[0][0], labels,
+                               fake_labels)
 
 
 @functools.partial(jax.jit, donate_argnums=(1,), static_argnames=('loss',))
@@ -428,7 +512,9 @@ def _scan_steps(step_fn, carry, images, key, first_step, num_steps,
   takes `batch_size` images made of `groups` sub-batches (the D updates of
   one step with `n_critic = groups`), each spread evenly over the shards.
   """
-  num_examples = images.shape[0]
+  # `images` may be a pytree of arrays with one row per example (the pair
+  # (images, labels) of a conditional GAN); rows are gathered alike.
+  num_examples = jax.tree.leaves(images)[0].shape[0]
   if (num_examples % num_shards or batch_size % groups
       or (batch_size // groups) % num_shards):
     raise ValueError(
@@ -454,8 +540,9 @@ def _scan_steps(step_fn, carry, images, key, first_step, num_steps,
       lambda e: epoch_permutation(shuffle_key, e, num_examples, num_shards))(
           first_epoch + jnp.arange(num_epochs_touched))
   # [S, N / S, ...]: block k lives on data shard k.
-  blocks = images.reshape(num_shards, num_examples // num_shards,
-                          *images.shape[1:])
+  blocks = jax.tree.map(
+      lambda a: a.reshape(num_shards, num_examples // num_shards,
+                          *a.shape[1:]), images)
   shard_batch = batch_size // num_shards
 
   guarded_step = _guarded(step_fn)
@@ -467,16 +554,19 @@ def _scan_steps(step_fn, carry, images, key, first_step, num_steps,
     if num_shards == 1:
       indices = jax.lax.dynamic_slice_in_dim(order, position * batch_size,
                                              batch_size)
-      batch = jnp.take(images, indices, axis=0)
+      batch = jax.tree.map(lambda a: jnp.take(a, indices, axis=0), images)
     else:
       # Each block gives B / S examples, gathered where the block lives.
       indices = jax.lax.dynamic_slice_in_dim(
           order, position * shard_batch, shard_batch, axis=1)
-      batch = jax.vmap(lambda block, i: jnp.take(block, i, axis=0))(
-          blocks, indices)
-      batch = batch.reshape(num_shards, groups, shard_batch // groups,
-                            *images.shape[1:]).swapaxes(0, 1)
-      batch = batch.reshape(batch_size, *images.shape[1:])
+      def gather(blocks_of_leaf):
+        rows = jax.vmap(lambda block, i: jnp.take(block, i, axis=0))(
+            blocks_of_leaf, indices)
+        rows = rows.reshape(num_shards, groups, shard_batch // groups,
+                            *rows.shape[2:]).swapaxes(0, 1)
+        return rows.reshape(batch_size, *rows.shape[3:])
+
+      batch = jax.tree.map(gather, blocks)
     return guarded_step(carry, batch, jax.random.fold_in(step_key, step))
 
   carry = (carry, jnp.array(False))
@@ -696,29 +786,37 @@ def sample_seeds(state_g: GeneratorState, key: jax.Array, num: int,
     `[num_seeds, num, 28, 28, 1]` float32 in [-1, 1].
   """
   noise = sample_noise(key, num, state_g.noise_dim)
-  return jax.vmap(lambda g: generate.__wrapped__(g, noise, use_ema))(state_g)
+  labels = _fake_labels(state_g, key, num)
+  return jax.vmap(lambda g: generate.__wrapped__(g, noise, labels, use_ema))(
+      state_g)
 
 
 @functools.partial(jax.jit, static_argnames=('num', 'use_ema'))
 def sample(state_g: GeneratorState, key: jax.Array, num: int,
+           labels: jax.Array | None = None,
            use_ema: bool = True) -> jax.Array:
   """Generates `num` images with G in evaluation mode.
 
   Args:
     state_g: generator state (not modified).
-    key: PRNG key for the noise.
+    key: PRNG key for the noise (and, for a conditional G without `labels`,
+      for labels drawn uniformly, as in training).
     num: number of images (static).
+    labels: int labels `[num]` for a conditional G, or None.
     use_ema: use the EMA of G's parameters when the state keeps one (static).
 
   Returns:
     `[num, 28, 28, 1]` float32 in [-1, 1].
   """
-  return generate(state_g, sample_noise(key, num, state_g.noise_dim),
+  if labels is None:
+    labels = _fake_labels(state_g, key, num)
+  return generate(state_g, sample_noise(key, num, state_g.noise_dim), labels,
                   use_ema=use_ema)
 
 
 @functools.partial(jax.jit, static_argnames=('use_ema',))
 def generate(state_g: GeneratorState, noise: jax.Array,
+             labels: jax.Array | None = None,
              use_ema: bool = True) -> jax.Array:
   """Generates images from given noise with G in evaluation mode.
 
@@ -728,22 +826,25 @@ def generate(state_g: GeneratorState, noise: jax.Array,
   Args:
     state_g: generator state (not modified).
     noise: `[B, noise_dim]`.
+    labels: int labels `[B]` for a conditional G (required), or None.
     use_ema: use the EMA of G's parameters when the state keeps one (static).
 
   Returns:
     `[B, 28, 28, 1]` float32 in [-1, 1].
   """
   return state_g.apply_fn(_generator_vars(state_g, use_ema=use_ema), noise,
-                          train=False)
+                          train=False, **_labels_kwargs(labels))
 
 
 @jax.jit
-def discriminate(state_d: DiscriminatorState, images: jax.Array) -> jax.Array:
+def discriminate(state_d: DiscriminatorState, images: jax.Array,
+                 labels: jax.Array | None = None) -> jax.Array:
   """D's probability that each image is real, in evaluation mode.
 
   Args:
     state_d: discriminator state (not modified).
     images: `[B, 28, 28, 1]`, uint8 or float in [-1, 1].
+    labels: int labels `[B]` for a conditional D (required), or None.
 
   Returns:
     `[B]` float32 probabilities.
@@ -751,5 +852,5 @@ def discriminate(state_d: DiscriminatorState, images: jax.Array) -> jax.Array:
   images = to_float_images(images, state_d.image_shape)
   logits = state_d.apply_fn(
       {'params': state_d.params, 'batch_stats': state_d.batch_stats}, images,
-      train=False)
+      train=False, **_labels_kwargs(labels))
   return jax.nn.sigmoid(logits)

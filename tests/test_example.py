@@ -182,6 +182,29 @@ def test_toolkit_flags_train_resume_and_test(tmp_path, mnist_data_dir):
 
 
 @pytest.mark.slow
+def test_conditional_example_writes_a_row_per_digit(tmp_path, mnist_data_dir):
+  workdir = str(tmp_path / 'run')
+  common = [f'--workdir={workdir}', f'--data_dir={mnist_data_dir}',
+            '--steps_per_epoch=2', '--eval_samples=500',
+            '--num_test_samples=500']
+  out = _run(*common, '--conditional', '--num_epochs=1')
+  assert 'digit accuracy' in out.stdout
+  grid = Image.open(os.path.join(workdir, 'samples', 'epoch_001.png'))
+  assert grid.size == (2 * (8 * 30 + 2), 2 * (10 * 30 + 2))
+  (record,) = _jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  assert len(record['per_class_accuracy']) == 10
+  np.testing.assert_allclose(record['conditional_accuracy'],
+                             np.mean(record['per_class_accuracy']))
+  test = _run(*common, '--phase=test')
+  assert 'column j shows digit j' in test.stdout
+  with open(os.path.join(workdir, 'test', 'summary.json')) as f:
+    summary = json.load(f)
+  accuracy = summary['conditional_accuracy']['generated']
+  assert 0.0 <= accuracy['conditional_accuracy'] <= 1.0
+  assert len(accuracy['per_class_accuracy']) == 10
+
+
+@pytest.mark.slow
 def test_four_seeds_in_one_program_match_four_separate_runs(
     tmp_path, mnist_data_dir):
   common = [f'--data_dir={mnist_data_dir}', '--steps_per_epoch=2',

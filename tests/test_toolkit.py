@@ -374,3 +374,119 @@ def test_stack_seeds_refuses_different_structures():
   _, (g_ema, _) = _states(ema_decay=0.5)
   with pytest.raises(ValueError, match='one structure'):
     jaxgan.stack_seeds([g, g_ema])
+
+
+def _conditional_states(seed=0, optimizer=None):
+  config = jaxgan.DCGANConfig(batch_size=8, conditional=True)
+  if optimizer is None:
+    return config, config.create_train_states(jax.random.key(seed))
+  return config, jaxgan.create_train_states(
+      jax.random.key(seed), config.generator(), config.discriminator(),
+      optimizer, optimizer)
+
+
+def test_conditional_models_need_and_use_labels():
+  _, (g, d) = _conditional_states()
+  z = jaxgan.sample_noise(jax.random.key(0), 4, 100)
+  ones, twos = jnp.ones(4, jnp.int32), jnp.full(4, 2, jnp.int32)
+  assert not np.allclose(jaxgan.generate(g, z, ones),
+                         jaxgan.generate(g, z, twos))
+  with pytest.raises(ValueError, match='conditional on 10 classes'):
+    jaxgan.generate(g, z)
+  with pytest.raises(ValueError, match='int labels of shape'):
+    jaxgan.generate(g, z, jnp.ones(3, jnp.int32))
+  with pytest.raises(ValueError, match='unconditional'):
+    _, (plain_g, _) = _states()
+    jaxgan.generate(plain_g, z, ones)
+
+  # Projection: changing the label moves the logit by <e(y1) - e(y2), phi>.
+  images = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1), minval=-1)
+  variables = {'params': d.params, 'batch_stats': d.batch_stats}
+  logit_1 = d.apply_fn(variables, images, ones)
+  logit_2 = d.apply_fn(variables, images, twos)
+  embedding = d.params['Embed_0']['embedding']
+  flat = jax.nn.leaky_relu(_d_features(d, images), 0.2)
+  np.testing.assert_allclose(
+      logit_1 - logit_2, flat @ (embedding[1] - embedding[2]), rtol=1e-4,
+      atol=1e-4)
+
+  with pytest.raises(ValueError, match='num_classes'):
+    jaxgan.create_train_states(
+        jax.random.key(0), jaxgan.Generator(num_classes=10),
+        jaxgan.Discriminator(), jaxgan.adam(), jaxgan.adam())
+
+
+def _d_features(d, images):
+  """D's features before its last layer (evaluation mode), `[B, 6272]`."""
+  p, stats = d.params, d.batch_stats
+  x = jax.lax.conv_general_dilated(
+      images, p['Conv_0']['kernel'], (2, 2), ((1, 2), (1, 2)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + p['Conv_0']['bias']
+  x = jax.nn.leaky_relu(x, 0.2)
+  x = jax.lax.conv_general_dilated(
+      x, p['Conv_1']['kernel'], (2, 2), ((1, 2), (1, 2)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + p['Conv_1']['bias']
+  bn = stats['BatchNorm_0']
+  x = ((x - bn['mean']) / jnp.sqrt(bn['var'] + 1e-5)
+       * p['BatchNorm_0']['scale'] + p['BatchNorm_0']['bias'])
+  return x.reshape(x.shape[0], -1)
+
+
+def test_conditional_loop_gathers_labels_with_their_images():
+  """The fused loop on (images, labels) equals steps on gathered pairs."""
+  config, (g, d) = _conditional_states(optimizer=optax.sgd(0.05))
+  images = _real(64)
+  labels = jax.random.randint(jax.random.key(3), (64,), 0, 10)
+  key = jax.random.key(4)
+  loop_g, loop_d, _ = jaxgan.train_loop(
+      *copy_tree((g, d)), (images, labels), key, num_steps=3, batch_size=8)
+  shuffle_key, step_key = jaxgan.loop_keys(key)
+  order = jaxgan.epoch_permutation(shuffle_key, 0, 64)
+  step_g, step_d = copy_tree((g, d))
+  for step in range(3):
+    rows = order[step * 8:(step + 1) * 8]
+    step_g, step_d, _ = jaxgan.train_step(
+        step_g, step_d, (images[rows], labels[rows]),
+        jax.random.fold_in(step_key, step))
+  for a, b in zip(jax.tree.leaves((loop_g.params, loop_d.params)),
+                  jax.tree.leaves((step_g.params, step_d.params))):
+    np.testing.assert_allclose(a, b, rtol=1e-4,
+                               atol=1e-4 * float(np.max(np.abs(a))) + 1e-7)
+  # Shuffled labels give another run: the labels do reach the models.
+  other_g, _, _ = jaxgan.train_loop(
+      *copy_tree((g, d)), (images, labels[::-1]), key, num_steps=3,
+      batch_size=8)
+  assert not np.allclose(other_g.params['Dense_0']['kernel'],
+                         loop_g.params['Dense_0']['kernel'])
+  with pytest.raises(ValueError, match='pass the batch as a tuple'):
+    jaxgan.train_step(*copy_tree((g, d)), images[:8], key)
+
+
+@pytest.mark.slow
+def test_conditional_accuracy_of_perfect_and_ignoring_generators(
+    mnist_data_dir):
+  test_images, test_labels = jaxgan.load_mnist('test', data_dir=mnist_data_dir)
+  by_class = [test_images[test_labels == c] for c in range(10)]
+
+  def perfect(key, labels):
+    del key
+    counters = np.zeros(10, int)
+    out = []
+    for label in np.asarray(labels):
+      out.append(by_class[label][counters[label]])
+      counters[label] += 1
+    return jaxgan.to_float_images(np.stack(out))
+
+  result = jaxgan.metrics.conditional_accuracy(perfect, 100,
+                                               jax.random.key(0),
+                                               batch_size=300)
+  assert result['accuracy'] > 0.97
+  assert min(result['per_class_accuracy']) > 0.9
+
+  eights = jaxgan.to_float_images(by_class[8][:1000])
+  result = jaxgan.metrics.conditional_accuracy(
+      lambda key, labels: eights[:len(labels)], 50, jax.random.key(0))
+  assert result['per_class_accuracy'][8] > 0.95
+  assert max(result['per_class_accuracy'][:8]) < 0.05
+  assert result['accuracy'] == pytest.approx(
+      np.mean(result['per_class_accuracy']))
