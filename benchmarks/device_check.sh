@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One short accelerator check: train-step benchmarks at batch 64/256/1024, the
-# PyTorch comparison, and a full 20-epoch MNIST run, all as JSON under $OUT.
+# One short accelerator check: per-layer and train-step benchmarks at batch
+# 64/256/1024, the PyTorch comparison, the divergence guard's cost, and a full
+# 20-epoch MNIST run, all as JSON under $OUT.
 #
 # Prepare on the development machine, in the repository root:
 #   1. Wheels the GPU machine lacks (jax, flax, optax, orbax and torch are
@@ -32,6 +33,8 @@ python3 benchmarks/train_step.py --batch_sizes=64,256,1024 --trials=5 \
   2>&1 | tee "$OUT/train_step.txt"
 python3 benchmarks/compare_pytorch.py --batch_size=64 --steps=200 --trials=5 \
   --json="$OUT/compare_pytorch.json" 2>&1 | tee "$OUT/compare_pytorch.txt"
+python3 benchmarks/divergence_guard.py --batch_size=64 --steps=200 --trials=5 \
+  --json="$OUT/divergence_guard.json" 2>&1 | tee "$OUT/divergence_guard.txt"
 start=$(date +%s.%N)
 python3 examples/mnist_dcgan.py --workdir=/tmp/dcgan_full --noprogress \
   2>&1 | tee "$OUT/full_run.txt"

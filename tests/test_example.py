@@ -24,6 +24,12 @@ def _run(*flags, check=True, prelude=''):
   return result
 
 
+def _short_run(workdir, mnist_data_dir):
+  """Flags of a two-step-per-epoch run with small evaluations."""
+  return [f'--workdir={workdir}', f'--data_dir={mnist_data_dir}',
+          '--steps_per_epoch=2', '--eval_samples=500', '--num_test_samples=500']
+
+
 def _jsonl(path):
   with open(path) as f:
     return [json.loads(line) for line in f]
@@ -143,9 +149,7 @@ def test_resume_refuses_a_different_model(tmp_path, mnist_data_dir):
 def test_toolkit_flags_train_resume_and_test(tmp_path, mnist_data_dir):
   """WGAN-GP with 2 critic steps, spectral norm and an EMA of G, end to end."""
   workdir = str(tmp_path / 'run')
-  common = [f'--workdir={workdir}', f'--data_dir={mnist_data_dir}',
-            '--steps_per_epoch=2', '--eval_samples=500',
-            '--num_test_samples=500']
+  common = _short_run(workdir, mnist_data_dir)
   toolkit = ['--loss=wasserstein', '--penalty=gradient_penalty',
              '--n_critic=2', '--spectral_norm', '--ema_decay=0.9',
              '--nodiscriminator_batch_norm']
@@ -184,9 +188,7 @@ def test_toolkit_flags_train_resume_and_test(tmp_path, mnist_data_dir):
 @pytest.mark.slow
 def test_conditional_example_writes_a_row_per_digit(tmp_path, mnist_data_dir):
   workdir = str(tmp_path / 'run')
-  common = [f'--workdir={workdir}', f'--data_dir={mnist_data_dir}',
-            '--steps_per_epoch=2', '--eval_samples=500',
-            '--num_test_samples=500']
+  common = _short_run(workdir, mnist_data_dir)
   out = _run(*common, '--conditional', '--num_epochs=1')
   assert 'digit accuracy' in out.stdout
   grid = Image.open(os.path.join(workdir, 'samples', 'epoch_001.png'))

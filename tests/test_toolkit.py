@@ -490,3 +490,31 @@ def test_conditional_accuracy_of_perfect_and_ignoring_generators(
   assert max(result['per_class_accuracy'][:8]) < 0.05
   assert result['accuracy'] == pytest.approx(
       np.mean(result['per_class_accuracy']))
+
+
+def test_learning_rates_map_like_seeds():
+  """Learning rates held in the optimiser state vmap like seeds do."""
+  config = jaxgan.DCGANConfig(batch_size=8)
+  images = _real(32)
+
+  def states(learning_rate):
+    optimizer = optax.inject_hyperparams(optax.sgd)(
+        learning_rate=learning_rate)
+    return jaxgan.create_train_states(
+        jax.random.key(0), config.generator(), config.discriminator(),
+        optimizer, optimizer)
+
+  rates = (0.01, 0.1)
+  key = jax.random.key(5)
+  g, _, _ = jaxgan.train_loop_seeds(
+      *jaxgan.stack_seeds([states(r) for r in rates]), images,
+      jaxgan.stack_seeds([key, key]), num_steps=2, batch_size=8)
+  np.testing.assert_allclose(
+      g.opt_state.hyperparams['learning_rate'], rates)
+  for i, rate in enumerate(rates):
+    alone, _, _ = jaxgan.train_loop(*states(rate), images, key, num_steps=2,
+                                    batch_size=8)
+    for a, b in zip(jax.tree.leaves(alone.params),
+                    jax.tree.leaves(jaxgan.seed_slice(g.params, i))):
+      np.testing.assert_allclose(a, b, rtol=1e-4,
+                                 atol=1e-3 * float(np.max(np.abs(a))) + 1e-7)

@@ -82,7 +82,8 @@ def test_metric_images_are_accepted_or_refused_by_name(shape, dtype, low,
 
 _SIZE_FIELDS = ('noise_dim', 'generator_hidden_dim', 'generator_base_channels',
                 'generator_conv_channels', 'discriminator_channels_1',
-                'discriminator_channels_2', 'batch_size')
+                'discriminator_channels_2', 'batch_size', 'penalty_every',
+                'n_critic')
 
 
 @settings(max_examples=200, deadline=None)
@@ -195,7 +196,7 @@ def test_new_batch_size_beyond_the_dataset_is_refused(tmp_path,
   result = _run(f'--workdir={tmp_path}/run', f'--data_dir={mnist_data_dir}',
                 '--batch_size=70000')
   assert result.returncode == 2
-  assert 'exceeds the dataset size 60000' in result.stderr
+  assert 'more than the dataset size 60000' in result.stderr
   assert 'Traceback' not in result.stderr
 
 
