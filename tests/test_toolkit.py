@@ -213,15 +213,16 @@ def test_n_critic_loop_equals_steps_on_the_same_batches():
 
 
 def test_ema_follows_the_incremental_update_and_is_sampled_by_default():
-  decay = 0.9
+  decay = 0.7
   _, (g, d) = _states(ema_decay=decay)
   np.testing.assert_array_equal(jax.tree.leaves(g.ema_params)[0],
                                 jax.tree.leaves(g.params)[0])
   ema = copy_tree(g.params)
-  for step in range(3):
+  for step in range(1, 31):
     g, d, _ = jaxgan.train_step(g, d, _real(8, step), jax.random.key(step))
-    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema,
-                       g.params)
+    # Warm-up: (1 + t) / (10 + t) until it reaches the decay (t = 20 here).
+    rate = min(decay, (1 + step) / (10 + step))
+    ema = jax.tree.map(lambda e, p: rate * e + (1 - rate) * p, ema, g.params)
   for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(g.ema_params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   key = jax.random.key(9)
