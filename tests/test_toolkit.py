@@ -363,9 +363,11 @@ def test_seeds_in_one_program_match_separate_runs():
       # in front of BatchNorm hold only rounding noise (about 1e-9).
       np.testing.assert_allclose(a, b, rtol=1e-4,
                                  atol=1e-3 * float(np.max(np.abs(a))) + 1e-7)
+    # Samples come from the EMA, which follows the last steps' parameters:
+    # the same few 1e-4 as the parameters above.
     np.testing.assert_allclose(samples[s],
                                jaxgan.sample(alone_g, jax.random.key(7), 3),
-                               rtol=1e-4, atol=1e-4)
+                               rtol=1e-4, atol=1e-3)
     finals.append(alone_metrics['g_loss'][-1])
   assert len(set(np.round(finals, 6))) == 4  # Four different runs.
 
