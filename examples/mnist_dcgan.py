@@ -674,17 +674,13 @@ def _balanced_labels(num: int, num_classes: int) -> np.ndarray:
 def _generate(state_g, key: jax.Array, num: int) -> np.ndarray:
   """`num` images in batches, batch i from fold_in(key, i) (as evaluate);
   a conditional G makes every digit equally often (`_balanced_labels`)."""
-  if not state_g.num_classes:
-    return np.concatenate([
-        np.asarray(jaxgan.sample(state_g, jax.random.fold_in(key, i), size))
-        for i, size in enumerate(iter_chunks(num, _EVAL_BATCH))])
-  labels = _balanced_labels(num, state_g.num_classes)
+  labels = (jnp.asarray(_balanced_labels(num, state_g.num_classes))
+            if state_g.num_classes else None)
   parts, start = [], 0
   for i, size in enumerate(iter_chunks(num, _EVAL_BATCH)):
-    noise = jaxgan.sample_noise(jax.random.fold_in(key, i), size,
-                                state_g.noise_dim)
-    parts.append(np.asarray(jaxgan.generate(
-        state_g, noise, jnp.asarray(labels[start:start + size]))))
+    parts.append(np.asarray(jaxgan.sample(
+        state_g, jax.random.fold_in(key, i), size,
+        None if labels is None else labels[start:start + size])))
     start += size
   return np.concatenate(parts)
 
@@ -729,9 +725,7 @@ def _evaluate_seeds(host_g, reference, eval_key: jax.Array,
 def _conditional_accuracy(state_g, key: jax.Array, num: int) -> dict:
   """The classifier's accuracy on `num` conditional samples, per digit."""
   result = metrics_lib.conditional_accuracy(
-      lambda k, labels: jaxgan.generate(
-          state_g, jaxgan.sample_noise(k, len(labels), state_g.noise_dim),
-          labels),
+      lambda k, labels: jaxgan.sample(state_g, k, len(labels), labels),
       max(1, num // state_g.num_classes), _stream(key, _CONDITIONAL),
       num_classes=state_g.num_classes, batch_size=_EVAL_BATCH)
   return {'conditional_accuracy': result['accuracy'],
