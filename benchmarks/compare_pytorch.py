@@ -6,7 +6,10 @@ G, leaky ReLU 0.2, BatchNorm momentum 0.1 = flax's 0.9), the same loss
 one G forward whose output serves a D update and then a G update. Both run in
 this one process on the same machine, batches taken from a resident uint8
 dataset; steps/sec are medians of several trials after warm-up. PyTorch is
-optional: without it the script says so and exits 0.
+optional: without it the script says so and exits 0. It also reports the rate
+of a jaxgan step made only of its matrix products and convolutions, each timed
+alone (`train_step.contraction_floor`): the most that making the rest of the
+step cheaper could give.
 
   python benchmarks/compare_pytorch.py --batch_size=64 --trials=5 --json=/tmp/cmp.json
 """
@@ -109,6 +112,7 @@ def jax_rates(batch_size, steps, trials, images_u8):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import jaxgan  # pylint: disable=g-import-not-at-top
+  import train_step as train_step_benchmark  # pylint: disable=g-import-not-at-top
   config = jaxgan.DCGANConfig(batch_size=batch_size)
   state = list(config.create_train_states(jax.random.key(0)))
   images = jax.device_put(jnp.asarray(images_u8))
@@ -131,9 +135,12 @@ def jax_rates(batch_size, steps, trials, images_u8):
     jax.block_until_ready(metrics)
     state[:] = [g, d]
 
-  return (_median_rate(run_steps, steps, trials),
-          _median_rate(run_fused, steps, trials),
-          jax.devices()[0].device_kind, jax.__version__)
+  rates = (_median_rate(run_steps, steps, trials),
+           _median_rate(run_fused, steps, trials))
+  floor = train_step_benchmark.contraction_floor(state[0], state[1],
+                                                 batches[0], keys[0], trials)
+  return (*rates, floor['bound_steps_per_sec'], jax.devices()[0].device_kind,
+          jax.__version__)
 
 
 def main():
@@ -161,11 +168,12 @@ def main():
   report = {'batch_size': args.batch_size, 'steps': args.steps,
             'trials': args.trials, 'python': platform.python_version(),
             'cpu_count': os.cpu_count(), 'date': time.strftime('%Y-%m-%d')}
-  (step_rate, step_all), (fused_rate, fused_all), jax_device, jax_version = (
-      jax_rates(args.batch_size, args.steps, args.trials, images))
+  ((step_rate, step_all), (fused_rate, fused_all), bound_rate, jax_device,
+   jax_version) = jax_rates(args.batch_size, args.steps, args.trials, images)
   report['jaxgan'] = {'device': jax_device, 'jax': jax_version,
                       'step_per_call_steps_per_sec': step_rate,
                       'fused_steps_per_sec': fused_rate,
+                      'contraction_bound_steps_per_sec': bound_rate,
                       'trials_step': step_all, 'trials_fused': fused_all}
   (eager_rate, eager_all), torch_device, torch_version = torch_rates(
       args.batch_size, args.steps, args.trials, images, use_compile=False)
@@ -186,6 +194,7 @@ def main():
 
   best_jax = max(step_rate, fused_rate)
   report['ratio_jaxgan_over_eager'] = best_jax / eager_rate
+  report['ratio_bound_over_eager'] = bound_rate / eager_rate
   if compiled_rate:
     report['ratio_jaxgan_over_compile'] = best_jax / compiled_rate
   print(f'batch {args.batch_size}, median of {args.trials} trials of '
@@ -200,6 +209,9 @@ def main():
           'steps/s')
   print(f'  jaxgan (best) / PyTorch eager = '
         f'{report["ratio_jaxgan_over_eager"]:.2f}')
+  print(f'  jaxgan step made only of its matrix products and convolutions, '
+        f'each timed alone: {bound_rate:.2f} steps/s = '
+        f'{report["ratio_bound_over_eager"]:.2f} x PyTorch eager')
   if compiled_rate:
     print(f'  jaxgan (best) / torch.compile = '
           f'{report["ratio_jaxgan_over_compile"]:.2f}')

@@ -8,6 +8,9 @@ median and spread of the trials are reported. FLOPs per step come from the
 compiled step's cost analysis and from an analytic count of the layers; model
 FLOP utilisation is given against the device's peak where it is known, and
 every device's achieved FLOP/s against its measured float32 matmul rate.
+Last, the step's matrix products and convolutions are timed one by one: their
+summed time bounds how fast this step can run on the device, whatever the
+rest of it costs.
 
   python benchmarks/train_step.py --batch_sizes=64,256,1024 --json=/tmp/bench.json
   python benchmarks/train_step.py --data=both --mnist_dir=../shared/datasets/mnist
@@ -20,6 +23,7 @@ import statistics
 import time
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -95,6 +99,127 @@ def measured_matmul_flops(device, size: int = 2048, trials: int = 5) -> float:
   return 2 * size ** 3 / statistics.median(times)
 
 
+CONTRACTIONS = ('dot_general', 'conv_general_dilated')
+
+
+def _sub_jaxprs(value):
+  if isinstance(value, jax.extend.core.ClosedJaxpr):
+    yield value.jaxpr
+  elif isinstance(value, jax.extend.core.Jaxpr):
+    yield value
+  elif isinstance(value, (tuple, list)):
+    for item in value:
+      yield from _sub_jaxprs(item)
+
+
+def step_contractions(jaxpr) -> dict:
+  """The matrix products and convolutions a jaxpr runs, with their counts.
+
+  Walks into nested jaxprs (jit, scan, custom VJPs, cond branches: a branch
+  counts as if it always ran).
+
+  Returns:
+    `{signature: (primitive, input avals, params, count)}`, one entry per
+    distinct operation.
+  """
+  found = {}
+
+  def walk(jaxpr, times):
+    for eqn in jaxpr.eqns:
+      repeat = times * (eqn.params.get('length', 1)
+                        if eqn.primitive.name == 'scan' else 1)
+      if eqn.primitive.name in CONTRACTIONS:
+        avals = tuple(v.aval for v in eqn.invars)
+        signature = (eqn.primitive.name, str(avals), str(eqn.params))
+        entry = found.get(signature)
+        found[signature] = (eqn.primitive, avals, eqn.params,
+                            (entry[3] if entry else 0) + repeat)
+      for value in eqn.params.values():
+        for sub in _sub_jaxprs(value):
+          walk(sub, repeat)
+
+  walk(jaxpr, 1)
+  return found
+
+
+def _contraction_flops(primitive, avals, params) -> float:
+  out = jax.eval_shape(lambda *xs: primitive.bind(*xs, **params),
+                       *[jax.ShapeDtypeStruct(a.shape, a.dtype)
+                         for a in avals])
+  lhs, rhs = avals
+  if primitive.name == 'dot_general':
+    (contract, _), _ = params['dimension_numbers']
+    per_output = int(np.prod([lhs.shape[d] for d in contract]))
+  else:
+    spec = params['dimension_numbers']
+    # Multiply-adds per output: the kernel's window times its input features.
+    per_output = int(np.prod([rhs.shape[d] for d in spec.rhs_spec[1:]]))
+  return 2.0 * int(np.prod(out.shape)) * per_output
+
+
+def _time_contraction(primitive, avals, params, trials: int) -> float:
+  """Seconds per call of one operation, repeated inside one program.
+
+  A `fori_loop` repeats it so that launches and Python dispatch do not count.
+  Each repetition writes one element of its input from the previous result
+  (in place: the input is loop-carried), so XLA cannot hoist the operation
+  out of the loop, and no extra pass over the input is timed.
+  """
+  keys = jax.random.split(jax.random.key(0), len(avals))
+  inputs = [jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, avals)]
+  corner = (0,) * len(avals[0].shape)
+
+  def repeated(repetitions, lhs, *rest):
+    def body(_, lhs):
+      out = primitive.bind(lhs, *rest, **params)
+      return lhs.at[corner].add(0 * out.reshape(-1)[0])
+    return jax.lax.fori_loop(0, repetitions, body, lhs)[corner]
+
+  run = jax.jit(repeated, static_argnums=0)
+  jax.block_until_ready(run(1, *inputs))
+  start = time.perf_counter()
+  jax.block_until_ready(run(1, *inputs))
+  # About 20 ms per trial, at least 2 repetitions.
+  repetitions = max(2, min(1000, int(0.02 / max(time.perf_counter() - start,
+                                                 1e-6))))
+  jax.block_until_ready(run(repetitions, *inputs))
+  times = _trials(lambda: jax.block_until_ready(run(repetitions, *inputs)),
+                  trials)
+  return statistics.median(times) / repetitions
+
+
+def contraction_floor(state_g, state_d, batch, key, trials: int) -> dict:
+  """The train step's matrix products and convolutions, each timed alone.
+
+  Their summed time bounds the step from below (the step also normalises,
+  applies activations, losses and Adam): `bound_steps_per_sec` is the rate
+  of a step that cost nothing else. Measured operations run one at a time;
+  inside the step XLA may overlap independent ones, so the bound is
+  indicative, not strict.
+
+  Returns:
+    `{'seconds_per_step', 'bound_steps_per_sec', 'flops_per_step',
+    'operations': [{'op', 'shapes', 'count', 'gflop', 'ms'}]}`.
+  """
+  jaxpr = jax.make_jaxpr(jaxgan.train_step)(state_g, state_d, batch,
+                                             key).jaxpr
+  operations, total_seconds, total_flops = [], 0.0, 0.0
+  for primitive, avals, params, count in step_contractions(jaxpr).values():
+    seconds = _time_contraction(primitive, avals, params, trials)
+    flops = _contraction_flops(primitive, avals, params)
+    total_seconds += count * seconds
+    total_flops += count * flops
+    operations.append({
+        'op': primitive.name,
+        'shapes': [list(a.shape) for a in avals],
+        'count': count, 'gflop': flops / 1e9, 'ms': seconds * 1e3})
+  operations.sort(key=lambda op: -op['count'] * op['ms'])
+  return {'seconds_per_step': total_seconds,
+          'bound_steps_per_sec': 1.0 / total_seconds,
+          'flops_per_step': total_flops,
+          'operations': operations}
+
+
 def _trials(run, trials: int) -> list[float]:
   times = []
   for _ in range(trials):
@@ -113,7 +238,8 @@ def _summary(times: list[float], steps: int, batch_size: int) -> dict:
 
 
 def benchmark(images: jax.Array, batch_size: int, steps: int, fused_steps: int,
-              trials: int, device, matmul_flops: float) -> dict:
+              trials: int, device, matmul_flops: float,
+              floors: dict) -> dict:
   config = jaxgan.DCGANConfig(batch_size=batch_size)
   num_batches = len(images) // batch_size
   if num_batches < 1:
@@ -160,6 +286,10 @@ def benchmark(images: jax.Array, batch_size: int, steps: int, fused_steps: int,
   run_loop()
   loop_times = _trials(run_loop, trials)
 
+  if batch_size not in floors:  # The data does not change the operations.
+    floors[batch_size] = contraction_floor(state['g'], state['d'], batches[0],
+                                           keys[0], trials)
+  floor = floors[batch_size]
   flops = analytic_flops_per_step(config, batch_size)
   result = {
       'batch_size': batch_size,
@@ -170,6 +300,7 @@ def benchmark(images: jax.Array, batch_size: int, steps: int, fused_steps: int,
       'step': _summary(step_times, steps, batch_size),
       'fused': {**_summary(loop_times, fused_steps, batch_size),
                 'steps_per_call': fused_steps},
+      'contraction_floor': floor,
   }
   peak = peak_flops(device.device_kind)
   for mode in ('step', 'fused'):
@@ -231,13 +362,14 @@ def main():
         f'{matmul_flops / 1e9:.0f} GFLOP/s')
   print(f'{"data":10s}{"batch":>6s}{"compile s":>10s}{"step/s":>9s}'
         f'{"img/s":>10s}{"fused/s":>9s}{"img/s":>10s}{"GFLOP/step":>11s}'
-        f'{"XLA":>8s}{"MFU":>8s}{"of matmul":>10s}')
+        f'{"XLA":>8s}{"MFU":>8s}{"of matmul":>10s}{"bound/s":>9s}')
+  floors = {}
   with jax.default_device(device):
     for kind in kinds:
       images = _dataset(kind, args, device)
       for batch_size in batch_sizes:
         result = benchmark(images, batch_size, args.steps, args.fused_steps,
-                           args.trials, device, matmul_flops)
+                           args.trials, device, matmul_flops, floors)
         result['data'] = kind
         report['results'].append(result)
         mfu = result['fused']['mfu']
@@ -250,7 +382,11 @@ def main():
               f'{result["flops_per_step_analytic"] / 1e9:11.2f}'
               f'{xla / 1e9 if xla else float("nan"):8.2f}'
               f'{"unknown" if mfu is None else f"{mfu:.1%}":>8s}'
-              f'{result["fused"]["fraction_of_matmul_rate"]:10.1%}')
+              f'{result["fused"]["fraction_of_matmul_rate"]:10.1%}'
+              f'{result["contraction_floor"]["bound_steps_per_sec"]:9.2f}')
+  print('bound/s: the steps/s of a step made only of its matrix products '
+        'and convolutions, each timed alone (no normalisation, activations, '
+        'losses or optimiser)')
   if args.data == 'both':
     for batch_size in batch_sizes:
       rates = {r['data']: r['fused']['steps_per_sec']

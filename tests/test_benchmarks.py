@@ -41,6 +41,56 @@ def test_train_step_benchmark_reports_rates_and_flops(tmp_path):
   analytic, xla = result['flops_per_step_analytic'], result['flops_per_step_xla']
   assert analytic == pytest.approx(14.89e9 * 8 / 64, rel=0.01)
   assert xla == pytest.approx(analytic, rel=0.25)
+  # The contractions carry nearly all of XLA's FLOPs (the rest: BatchNorm,
+  # activations, Adam), and the step cannot outrun them.
+  floor = result['contraction_floor']
+  assert 0.9 * xla < floor['flops_per_step'] <= xla
+  assert floor['bound_steps_per_sec'] == pytest.approx(
+      1 / floor['seconds_per_step'])
+  assert sum(op['count'] * op['ms'] for op in floor['operations']) == (
+      pytest.approx(floor['seconds_per_step'] * 1e3))
+  # D's second convolution as patches x kernel: forward on the real batch,
+  # the generated batch in D's update and again in G's.
+  (forward,) = [op for op in floor['operations']
+                if op['shapes'] == [[8, 7, 7, 1600], [1600, 128]]]
+  assert forward['count'] == 3
+  assert forward['gflop'] == pytest.approx(2 * 8 * 49 * 1600 * 128 / 1e9)
+  assert 'bound/s' in stdout
+
+
+def test_step_contractions_counts_nested_and_repeated_operations():
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  try:
+    import train_step as bench  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def fn(a, b, images, kernel):
+    def body(carry, _):
+      return carry @ b, None
+    looped, _ = jax.lax.scan(body, a, None, length=3)
+    conv = jax.lax.conv_general_dilated(
+        images, kernel, (2, 2), 'SAME',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jax.jit(lambda x: x @ b)(looped), conv
+
+  args = (jnp.ones((4, 5)), jnp.ones((5, 5)), jnp.ones((2, 8, 8, 3)),
+          jnp.ones((3, 3, 3, 6)))
+  found = bench.step_contractions(jax.make_jaxpr(fn)(*args).jaxpr)
+  counts = sorted((primitive.name, [list(a.shape) for a in avals], count)
+                  for primitive, avals, _, count in found.values())
+  assert counts == [
+      ('conv_general_dilated', [[2, 8, 8, 3], [3, 3, 3, 6]], 1),
+      ('dot_general', [[4, 5], [5, 5]], 4)]
+  for primitive, avals, params, _ in found.values():
+    flops = bench._contraction_flops(primitive, avals, params)
+    if primitive.name == 'dot_general':
+      assert flops == 2 * 4 * 5 * 5
+    else:  # [2, 4, 4, 6] outputs, 3 * 3 * 3 multiply-adds each.
+      assert flops == 2 * (2 * 4 * 4 * 6) * 27
+    assert bench._time_contraction(primitive, avals, params, trials=1) > 0
 
 
 def test_train_step_benchmark_rejects_bad_flags():
@@ -65,6 +115,10 @@ def test_compare_pytorch_runs_with_or_without_torch(tmp_path):
   assert report['pytorch']['eager_steps_per_sec'] > 0
   assert report['ratio_jaxgan_over_eager'] > 0
   assert 'jaxgan (best) / PyTorch eager' in stdout
+  assert report['jaxgan']['contraction_bound_steps_per_sec'] > 0
+  assert report['ratio_bound_over_eager'] == pytest.approx(
+      report['jaxgan']['contraction_bound_steps_per_sec']
+      / report['pytorch']['eager_steps_per_sec'])
 
 
 @pytest.mark.slow
