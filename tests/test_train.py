@@ -184,21 +184,26 @@ def loop_states():
   return make_states(optimizer=optax.sgd(1e-3))
 
 
-@pytest.mark.parametrize('num_steps', [1, 5])
-def test_fused_loop_equals_single_steps(loop_states, num_steps):
-  """Crosses an epoch boundary: 200 images, batch 64, 3 steps per epoch."""
+@pytest.mark.parametrize('first_step,num_steps', [(2, 1), (2, 5), (3, 3)])
+def test_fused_loop_equals_single_steps(loop_states, first_step, num_steps):
+  """200 images, batch 64, 3 steps per epoch.
+
+  From step 2, five steps cross two epoch boundaries; from step 3 (an
+  epoch's start), three steps stay in one epoch, so the loop leaves the
+  epoch after it unshuffled.
+  """
   images, batch_size, steps_per_epoch = _dataset(), 64, 3
   loop_key = jax.random.key(21)
-  # Start mid-epoch, at step 2, so the loop continues a run.
+  # Start at a later step, so the loop continues a run.
   state_g, state_d = copy_tree(loop_states)
-  state_g = state_g.replace(step=jnp.int32(2))
+  state_g = state_g.replace(step=jnp.int32(first_step))
   fused_g, fused_d, fused_metrics = jaxgan.train_loop(
       *copy_tree((state_g, state_d)), images, loop_key, num_steps=num_steps,
       batch_size=batch_size, steps_per_epoch=steps_per_epoch)
 
   shuffle_key, step_key = jaxgan.loop_keys(loop_key)
   per_step = []
-  for step in range(2, 2 + num_steps):
+  for step in range(first_step, first_step + num_steps):
     epoch, position = divmod(step, steps_per_epoch)
     order = jaxgan.epoch_permutation(shuffle_key, epoch, len(images))
     batch = images[order[position * batch_size:(position + 1) * batch_size]]
@@ -206,7 +211,7 @@ def test_fused_loop_equals_single_steps(loop_states, num_steps):
         state_g, state_d, batch, jax.random.fold_in(step_key, step))
     per_step.append(metrics)
 
-  assert int(fused_g.step) == 2 + num_steps
+  assert int(fused_g.step) == first_step + num_steps
   for want, got in ((state_g, fused_g), (state_d, fused_d)):
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
