@@ -1,51 +1,113 @@
 #!/usr/bin/env bash
-# One short accelerator check: per-layer and train-step benchmarks at batch
-# 64/256/1024, the PyTorch comparison, the divergence guard's cost, and a full
-# 20-epoch MNIST run, all as JSON under $OUT.
+# One accelerator check, most important first: the train step at batch
+# 64/256/1024 on synthetic and real data, the full 20-epoch MNIST run (timed,
+# as the example runs by default, then with evaluation only after the last
+# epoch), the PyTorch comparison, the divergence guard's cost and the
+# per-layer benchmark. Everything (JSON, text, sample grids) lands in one
+# archive, $OUT/device_check.tar.gz (OUT defaults to /tmp/device_check),
+# rewritten after each part, so an interrupted check keeps what it finished.
 #
-# Prepare on the development machine, in the repository root:
-#   1. Wheels the GPU machine lacks (jax, flax, optax, orbax and torch are
-#      there): tensorflow-datasets and what it needs to read array_record,
-#      plus tensorboardX, downloaded for Python 3.12 into .whl/ (see the
-#      device tool's notes).
-#   2. MNIST prepared into .data/:  TFDS_DATA_DIR=.data python -c \
-#        "import jaxgan; jaxgan.load_mnist('train', mnist_dir='../shared/datasets/mnist')"
-#   3. Run with carry [".whl", ".data"] and a 600 s limit:
-#        bash benchmarks/device_check.sh
+# The machine needs jax with its accelerator plugin, flax, optax,
+# orbax-checkpoint and, for the comparison, torch. For a machine without a
+# package index, run benchmarks/offline_bundle.sh where pip works: it puts the
+# other wheels in .whl/ and MNIST, prepared, in .data/; copy both along with
+# the repository, and this script installs the wheels first.
+#
+#   bash benchmarks/device_check.sh                          # the whole check
+#   DEVICE_CHECK_QUICK=1 bash benchmarks/device_check.sh     # toy sizes, any machine
+#
+# PYTHON picks the interpreter (default python3). The exit status is 1 if any
+# part failed; the others still run.
 set -uo pipefail
+cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/device_check}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TFDS_DATA_DIR="$PWD/.data"
+export PYTHONUNBUFFERED=1 TFDS_DATA_DIR="${TFDS_DATA_DIR:-$PWD/.data}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON="${PYTHON:-python3}"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PWD"
-else
-  export PYTHONPATH="$PWD"
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/jaxgan_site .whl/*.whl \
+    && export PYTHONPATH="/tmp/jaxgan_site:$PYTHONPATH"
 fi
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python3 -c "import jax, flax, optax; print('jax', jax.__version__, jax.devices())"
-} 2>&1 | tee "$OUT/environment.txt"
+WORKDIR="$(mktemp -d)"
+trap 'rm -rf "$WORKDIR"' EXIT
+RESULTS="$WORKDIR/device_check"
+mkdir -p "$RESULTS"
+archive() { tar czf "$OUT/device_check.tar.gz" -C "$WORKDIR" device_check; }
 
-python3 benchmarks/layers.py --trials=7 --json="$OUT/layers.json" 2>&1 | tee "$OUT/layers.txt"
-python3 benchmarks/train_step.py --batch_sizes=64,256,1024 --trials=5 \
-  --steps=50 --fused_steps=937 --data=both --json="$OUT/train_step.json" \
-  2>&1 | tee "$OUT/train_step.txt"
-python3 benchmarks/compare_pytorch.py --batch_size=64 --steps=200 --trials=5 \
-  --json="$OUT/compare_pytorch.json" 2>&1 | tee "$OUT/compare_pytorch.txt"
-python3 benchmarks/divergence_guard.py --batch_size=64 --steps=200 --trials=5 \
-  --json="$OUT/divergence_guard.json" 2>&1 | tee "$OUT/divergence_guard.txt"
-start=$(date +%s.%N)
-python3 examples/mnist_dcgan.py --workdir=/tmp/dcgan_full --noprogress \
-  2>&1 | tee "$OUT/full_run.txt"
-end=$(date +%s.%N)
-python3 - "$start" "$end" "$OUT" <<'PY'
+if [ -n "${DEVICE_CHECK_QUICK:-}" ]; then
+  TRAIN_STEP=(--batch_sizes=8 --trials=1 --steps=2 --fused_steps=2)
+  RUN=(--num_epochs=1 --steps_per_epoch=2 --eval_samples=500
+       --num_test_samples=500)
+  COMPARE=(--batch_size=8 --steps=2 --trials=1 --no_compile)
+  GUARD=(--batch_size=8 --steps=2 --trials=1)
+  LAYERS=(--batch_size=2 --trials=1)
+else
+  TRAIN_STEP=(--batch_sizes=64,256,1024 --trials=5 --steps=50
+              --fused_steps=937)
+  RUN=()
+  COMPARE=(--batch_size=64 --steps=200 --trials=5)
+  GUARD=(--batch_size=64 --steps=200 --trials=5)
+  LAYERS=(--trials=7)
+fi
+
+FAILED=()
+# part NAME COMMAND...: runs it with its output in NAME.txt, notes a failure
+# and goes on, then refreshes the archive.
+part() {
+  local name="$1"; shift
+  "$@" 2>&1 | tee "$RESULTS/$name.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || FAILED+=("$name")
+  archive
+}
+
+environment() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv \
+    2>/dev/null || echo 'no nvidia-smi'
+  "$PYTHON" -c "import jax, flax, optax; print('jax', jax.__version__, \
+'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+}
+part environment environment
+
+part train_step "$PYTHON" benchmarks/train_step.py "${TRAIN_STEP[@]}" \
+  --data=both --json="$RESULTS/train_step.json"
+
+# A full run of the example: wall clock from the shell, data loading and
+# compilation included, and its last metrics.
+full_run() {  # name, then flags for the example
+  local name="$1"; shift
+  local start end
+  start=$(date +%s.%N)
+  "$PYTHON" examples/mnist_dcgan.py --workdir="$WORKDIR/$name" --noprogress \
+    "${RUN[@]}" "$@" || return
+  end=$(date +%s.%N)
+  "$PYTHON" - "$name" "$start" "$end" "$WORKDIR/$name" "$RESULTS" <<'PY'
 import json, sys
-start, end, out = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
-records = [json.loads(l) for l in open('/tmp/dcgan_full/metrics.jsonl')]
-json.dump({'wall_seconds': end - start, 'epochs': len(records),
-           'steps': records[-1]['step'], 'final': records[-1]},
-          open(f'{out}/full_run.json', 'w'), indent=2)
-print(f'full run: {end - start:.1f} s wall clock for {records[-1]["step"]} steps')
+name, start, end, workdir, out = sys.argv[1:]
+records = [json.loads(l) for l in open(f'{workdir}/metrics.jsonl')]
+summary = {'wall_seconds': float(end) - float(start), 'epochs': len(records),
+           'steps': records[-1]['step'], 'final': records[-1]}
+json.dump(summary, open(f'{out}/{name}.json', 'w'), indent=2)
+print(f'{name}: {summary["wall_seconds"]:.1f} s wall clock for '
+      f'{summary["steps"]} steps')
 PY
-cp /tmp/dcgan_full/samples/epoch_020.png "$OUT/" 2>/dev/null || true
+}
+part full_run full_run full_run
+cp "$WORKDIR"/full_run/samples/epoch_*.png "$WORKDIR"/full_run/losses.png \
+  "$RESULTS/" 2>/dev/null
+part full_run_final_eval full_run full_run_final_eval --eval_every_epochs=0 \
+  --sample_every_epochs=1000
+
+part compare_pytorch "$PYTHON" benchmarks/compare_pytorch.py "${COMPARE[@]}" \
+  --json="$RESULTS/compare_pytorch.json"
+part divergence_guard "$PYTHON" benchmarks/divergence_guard.py "${GUARD[@]}" \
+  --json="$RESULTS/divergence_guard.json"
+part layers "$PYTHON" benchmarks/layers.py "${LAYERS[@]}" \
+  --json="$RESULTS/layers.json"
+
+echo "wrote $OUT/device_check.tar.gz"
+if [ "${#FAILED[@]}" -gt 0 ]; then
+  echo "failed: ${FAILED[*]} (see their .txt files in the archive)" >&2
+  exit 1
+fi

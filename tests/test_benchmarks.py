@@ -1,9 +1,11 @@
 """The benchmark scripts run from an install and write what they claim."""
 
+import importlib.metadata
 import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -164,3 +166,45 @@ def test_divergence_guard_benchmark_compares_both_loops(tmp_path):
   assert report['finiteness_checks']['unguarded'] == 0
   assert report['finiteness_checks']['guarded'] > 0
   assert report['guarded_over_unguarded'] > 0
+
+
+@pytest.mark.slow
+def test_device_check_runs_every_part_at_toy_sizes(tmp_path, mnist_data_dir):
+  out = tmp_path / 'out'
+  result = subprocess.run(
+      ['bash', os.path.join(REPO, 'benchmarks', 'device_check.sh')],
+      capture_output=True, text=True, timeout=1200, cwd=tmp_path,
+      env={**os.environ, 'DEVICE_CHECK_QUICK': '1', 'OUT': str(out),
+           'TFDS_DATA_DIR': mnist_data_dir, 'PYTHON': sys.executable})
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  with tarfile.open(out / 'device_check.tar.gz') as archive:
+    names = set(archive.getnames())
+    read = lambda name: json.load(archive.extractfile(f'device_check/{name}'))
+    for name in ('train_step.json', 'full_run.json', 'full_run_final_eval.json',
+                 'compare_pytorch.json', 'divergence_guard.json',
+                 'layers.json', 'environment.txt', 'epoch_001.png'):
+      assert f'device_check/{name}' in names
+    train_step = read('train_step.json')
+    assert {r['data'] for r in train_step['results']} == {'synthetic', 'mnist'}
+    for name in ('full_run.json', 'full_run_final_eval.json'):
+      run = read(name)
+      assert run['steps'] == 2 and run['epochs'] == 1
+      assert run['wall_seconds'] > 0 and 'fcd' in run['final']
+    assert read('divergence_guard.json')['guarded_over_unguarded'] > 0
+
+
+def test_offline_bundle_resolves_the_reading_path_without_tensorflow():
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  try:
+    import offline_bundle  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  needed = offline_bundle.closure(offline_bundle.ROOTS, '3.12')
+  for name in ('tensorflow-datasets', 'array-record', 'tensorboardx',
+               'promise', 'etils', 'numpy'):
+    assert name in needed, name
+  # Preparing MNIST needs TensorFlow; reading it back does not.
+  assert not any(name.startswith('tensorflow-cpu') or name == 'tensorflow'
+                 for name in needed)
+  assert needed['tensorflow-datasets'] == importlib.metadata.version(
+      'tensorflow-datasets')
