@@ -8,8 +8,8 @@ this one process on the same machine, batches taken from a resident uint8
 dataset; steps/sec are medians of several trials after warm-up. PyTorch is
 optional: without it the script says so and exits 0. It also reports the rate
 of a jaxgan step made only of its matrix products and convolutions, each timed
-alone (`train_step.contraction_floor`): the most that making the rest of the
-step cheaper could give.
+alone (`train_step.contractions_alone`): about the most that making the rest
+of the step cheaper could give.
 
   python benchmarks/compare_pytorch.py --batch_size=64 --trials=5 --json=/tmp/cmp.json
 """
@@ -137,9 +137,9 @@ def jax_rates(batch_size, steps, trials, images_u8):
 
   rates = (_median_rate(run_steps, steps, trials),
            _median_rate(run_fused, steps, trials))
-  floor = train_step_benchmark.contraction_floor(state[0], state[1],
+  alone = train_step_benchmark.contractions_alone(state[0], state[1],
                                                  batches[0], keys[0], trials)
-  return (*rates, floor['bound_steps_per_sec'], jax.devices()[0].device_kind,
+  return (*rates, alone['steps_per_sec'], jax.devices()[0].device_kind,
           jax.__version__)
 
 
@@ -168,12 +168,12 @@ def main():
   report = {'batch_size': args.batch_size, 'steps': args.steps,
             'trials': args.trials, 'python': platform.python_version(),
             'cpu_count': os.cpu_count(), 'date': time.strftime('%Y-%m-%d')}
-  ((step_rate, step_all), (fused_rate, fused_all), bound_rate, jax_device,
+  ((step_rate, step_all), (fused_rate, fused_all), alone_rate, jax_device,
    jax_version) = jax_rates(args.batch_size, args.steps, args.trials, images)
   report['jaxgan'] = {'device': jax_device, 'jax': jax_version,
                       'step_per_call_steps_per_sec': step_rate,
                       'fused_steps_per_sec': fused_rate,
-                      'contraction_bound_steps_per_sec': bound_rate,
+                      'contractions_alone_steps_per_sec': alone_rate,
                       'trials_step': step_all, 'trials_fused': fused_all}
   (eager_rate, eager_all), torch_device, torch_version = torch_rates(
       args.batch_size, args.steps, args.trials, images, use_compile=False)
@@ -194,7 +194,7 @@ def main():
 
   best_jax = max(step_rate, fused_rate)
   report['ratio_jaxgan_over_eager'] = best_jax / eager_rate
-  report['ratio_bound_over_eager'] = bound_rate / eager_rate
+  report['ratio_contractions_alone_over_eager'] = alone_rate / eager_rate
   if compiled_rate:
     report['ratio_jaxgan_over_compile'] = best_jax / compiled_rate
   print(f'batch {args.batch_size}, median of {args.trials} trials of '
@@ -210,8 +210,8 @@ def main():
   print(f'  jaxgan (best) / PyTorch eager = '
         f'{report["ratio_jaxgan_over_eager"]:.2f}')
   print(f'  jaxgan step made only of its matrix products and convolutions, '
-        f'each timed alone: {bound_rate:.2f} steps/s = '
-        f'{report["ratio_bound_over_eager"]:.2f} x PyTorch eager')
+        f'each timed alone: {alone_rate:.2f} steps/s = '
+        f'{report["ratio_contractions_alone_over_eager"]:.2f} x PyTorch eager')
   if compiled_rate:
     print(f'  jaxgan (best) / torch.compile = '
           f'{report["ratio_jaxgan_over_compile"]:.2f}')
