@@ -157,13 +157,14 @@ def _contraction_flops(primitive, avals, params) -> float:
   return 2.0 * int(np.prod(out.shape)) * per_output
 
 
-def _time_contraction(primitive, avals, params, trials: int) -> float:
-  """Seconds per call of one operation, repeated inside one program.
+def _contraction_timer(primitive, avals, params):
+  """A function that times one run of an operation, in seconds per call.
 
-  A `fori_loop` repeats it so that launches and Python dispatch do not count.
-  Each repetition writes one element of its input from the previous result
-  (in place: the input is loop-carried), so XLA cannot hoist the operation
-  out of the loop, and no extra pass over the input is timed.
+  A `fori_loop` repeats the operation (about 50 ms per run, at least twice)
+  so that launches and Python dispatch do not count. Each repetition writes
+  one element of its input from the previous result (in place: the input is
+  loop-carried), so XLA cannot hoist the operation out of the loop, and no
+  extra pass over the input is timed.
   """
   keys = jax.random.split(jax.random.key(0), len(avals))
   inputs = [jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, avals)]
@@ -179,13 +180,16 @@ def _time_contraction(primitive, avals, params, trials: int) -> float:
   jax.block_until_ready(run(1, *inputs))
   start = time.perf_counter()
   jax.block_until_ready(run(1, *inputs))
-  # About 50 ms per trial, at least 2 repetitions.
   repetitions = max(2, min(1000, int(0.05 / max(time.perf_counter() - start,
                                                  1e-6))))
   jax.block_until_ready(run(repetitions, *inputs))
-  times = _trials(lambda: jax.block_until_ready(run(repetitions, *inputs)),
-                  trials)
-  return statistics.median(times) / repetitions
+
+  def seconds_per_call():
+    start = time.perf_counter()
+    jax.block_until_ready(run(repetitions, *inputs))
+    return (time.perf_counter() - start) / repetitions
+
+  return seconds_per_call
 
 
 def contractions_alone(state_g, state_d, batch, key, trials: int) -> dict:
@@ -204,9 +208,17 @@ def contractions_alone(state_g, state_d, batch, key, trials: int) -> dict:
   """
   jaxpr = jax.make_jaxpr(jaxgan.train_step)(state_g, state_d, batch,
                                              key).jaxpr
+  found = list(step_contractions(jaxpr).values())
+  timers = [_contraction_timer(*op[:3]) for op in found]
+  # Round robin: a burst of load from elsewhere spoils one trial of every
+  # operation, which the median drops, not every trial of one operation.
+  times = [[] for _ in timers]
+  for _ in range(trials):
+    for timer, op_times in zip(timers, times):
+      op_times.append(timer())
   operations, total_seconds, total_flops = [], 0.0, 0.0
-  for primitive, avals, params, count in step_contractions(jaxpr).values():
-    seconds = _time_contraction(primitive, avals, params, trials)
+  for (primitive, avals, params, count), op_times in zip(found, times):
+    seconds = statistics.median(op_times)
     flops = _contraction_flops(primitive, avals, params)
     total_seconds += count * seconds
     total_flops += count * flops
