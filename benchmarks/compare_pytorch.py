@@ -5,7 +5,9 @@ G, leaky ReLU 0.2, BatchNorm momentum 0.1 = flax's 0.9), the same loss
 (non-saturating, on logits), Adam(2e-4, betas (0.5, 0.999)) and the same step:
 one G forward whose output serves a D update and then a G update. Both run in
 this one process on the same machine, batches taken from a resident uint8
-dataset; steps/sec are medians of several trials after warm-up. PyTorch is
+dataset; steps/sec are medians of several trials after warm-up. jaxgan's and
+PyTorch eager's trials are taken in turn, so that the machine's changing load
+touches them alike; torch.compile is timed last. PyTorch is
 optional: without it the script says so and exits 0. It also reports the rate
 of a jaxgan step made only of its matrix products and convolutions, each timed
 alone (`train_step.contractions_alone`): about the most that making the rest
@@ -25,14 +27,23 @@ import time
 import numpy as np
 
 
-def _median_rate(run, steps: int, trials: int) -> tuple[float, list[float]]:
-  run()  # Warm-up.
-  rates = []
+def _interleaved_rates(runs: dict, steps: int, trials: int) -> dict:
+  """Steps/s of each run, trials taken in turn: run A, B, C, A, B, C, ...
+
+  Each `run` does `steps` steps and waits for them. Taking the trials in
+  turn, rather than all of one implementation and then all of the next, lets
+  a change in the machine's load touch every implementation alike.
+
+  Returns:
+    `{name: (median steps/s, [steps/s of each trial])}`.
+  """
+  rates = {name: [] for name in runs}
   for _ in range(trials):
-    start = time.perf_counter()
-    run()
-    rates.append(steps / (time.perf_counter() - start))
-  return statistics.median(rates), rates
+    for name, run in runs.items():
+      start = time.perf_counter()
+      run()
+      rates[name].append(steps / (time.perf_counter() - start))
+  return {name: (statistics.median(r), r) for name, r in rates.items()}
 
 
 def torch_dcgan(torch, device):
@@ -62,7 +73,8 @@ def torch_dcgan(torch, device):
   return Generator().to(device), discriminator.to(device)
 
 
-def torch_rates(batch_size, steps, trials, images_u8, use_compile):
+def torch_runner(batch_size, steps, images_u8, use_compile):
+  """`(run, device, version)`: `run()` does `steps` PyTorch steps, warmed up."""
   import torch  # pylint: disable=g-import-not-at-top
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   torch.manual_seed(0)
@@ -105,10 +117,18 @@ def torch_rates(batch_size, steps, trials, images_u8, use_compile):
     if device.type == 'cuda':
       torch.cuda.synchronize()
 
-  return _median_rate(run, steps, trials), str(device), torch.__version__
+  run()  # Warm-up (and, with torch.compile, compilation).
+  return run, str(device), torch.__version__
 
 
-def jax_rates(batch_size, steps, trials, images_u8):
+def jax_runners(batch_size, steps, images_u8):
+  """jaxgan's two ways to run `steps` steps, warmed up, and what they run.
+
+  Returns:
+    `(run_steps, run_fused, contractions_alone, device, version)`, where
+    `contractions_alone(trials)` times the step's matrix products and
+    convolutions one by one (see `train_step.contractions_alone`).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import jaxgan  # pylint: disable=g-import-not-at-top
@@ -135,12 +155,15 @@ def jax_rates(batch_size, steps, trials, images_u8):
     jax.block_until_ready(metrics)
     state[:] = [g, d]
 
-  rates = (_median_rate(run_steps, steps, trials),
-           _median_rate(run_fused, steps, trials))
-  alone = train_step_benchmark.contractions_alone(state[0], state[1],
-                                                 batches[0], keys[0], trials)
-  return (*rates, alone['steps_per_sec'], jax.devices()[0].device_kind,
-          jax.__version__)
+  run_steps()  # Warm-up and compilation.
+  run_fused()
+
+  def contractions_alone(trials):
+    return train_step_benchmark.contractions_alone(
+        state[0], state[1], batches[0], keys[0], trials)['steps_per_sec']
+
+  return (run_steps, run_fused, contractions_alone,
+          jax.devices()[0].device_kind, jax.__version__)
 
 
 def main():
@@ -168,37 +191,51 @@ def main():
   report = {'batch_size': args.batch_size, 'steps': args.steps,
             'trials': args.trials, 'python': platform.python_version(),
             'cpu_count': os.cpu_count(), 'date': time.strftime('%Y-%m-%d')}
-  ((step_rate, step_all), (fused_rate, fused_all), alone_rate, jax_device,
-   jax_version) = jax_rates(args.batch_size, args.steps, args.trials, images)
+  run_steps, run_fused, contractions_alone, jax_device, jax_version = (
+      jax_runners(args.batch_size, args.steps, images))
+  runs = {'step': run_steps, 'fused': run_fused}
+  runs['eager'], torch_device, torch_version = torch_runner(
+      args.batch_size, args.steps, images, use_compile=False)
+  rates = _interleaved_rates(runs, args.steps, args.trials)
+  (step_rate, step_all), (fused_rate, fused_all) = rates['step'], rates['fused']
+  eager_rate, eager_all = rates['eager']
+  alone_rate = contractions_alone(args.trials)
+  # torch.compile last and on its own: once it has run, other work in the
+  # process ran about 15% slower on a 2-core CPU.
+  compile_error = None
+  if not args.no_compile:
+    try:
+      run_compiled, _, _ = torch_runner(args.batch_size, args.steps, images,
+                                        use_compile=True)
+      rates.update(_interleaved_rates({'compile': run_compiled}, args.steps,
+                                      args.trials))
+    except Exception as e:  # torch.compile fails in many environment-specific ways.
+      compile_error = f'{type(e).__name__}: {e}'[:500]
+      print(f'torch.compile did not work here: {compile_error[:200]}',
+            file=sys.stderr)
   report['jaxgan'] = {'device': jax_device, 'jax': jax_version,
                       'step_per_call_steps_per_sec': step_rate,
                       'fused_steps_per_sec': fused_rate,
                       'contractions_alone_steps_per_sec': alone_rate,
                       'trials_step': step_all, 'trials_fused': fused_all}
-  (eager_rate, eager_all), torch_device, torch_version = torch_rates(
-      args.batch_size, args.steps, args.trials, images, use_compile=False)
   report['pytorch'] = {'device': torch_device, 'torch': torch_version,
                        'eager_steps_per_sec': eager_rate,
                        'trials_eager': eager_all}
   compiled_rate = None
-  if not args.no_compile:
-    try:
-      (compiled_rate, compiled_all), _, _ = torch_rates(
-          args.batch_size, args.steps, args.trials, images, use_compile=True)
-      report['pytorch']['compile_steps_per_sec'] = compiled_rate
-      report['pytorch']['trials_compile'] = compiled_all
-    except Exception as e:  # torch.compile fails in many environment-specific ways.
-      report['pytorch']['compile_error'] = f'{type(e).__name__}: {e}'[:500]
-      print(f'torch.compile did not work here: {type(e).__name__}: '
-            f'{str(e)[:200]}', file=sys.stderr)
+  if 'compile' in rates:
+    compiled_rate, compiled_all = rates['compile']
+    report['pytorch']['compile_steps_per_sec'] = compiled_rate
+    report['pytorch']['trials_compile'] = compiled_all
+  elif compile_error:
+    report['pytorch']['compile_error'] = compile_error
 
   best_jax = max(step_rate, fused_rate)
   report['ratio_jaxgan_over_eager'] = best_jax / eager_rate
   report['ratio_contractions_alone_over_eager'] = alone_rate / eager_rate
   if compiled_rate:
     report['ratio_jaxgan_over_compile'] = best_jax / compiled_rate
-  print(f'batch {args.batch_size}, median of {args.trials} trials of '
-        f'{args.steps} steps; jaxgan on {jax_device} (jax {jax_version}), '
+  print(f'batch {args.batch_size}, median of {args.trials} interleaved '
+        f'trials of {args.steps} steps; jaxgan on {jax_device} (jax {jax_version}), '
         f'PyTorch {torch_version} on {torch_device}')
   print(f'  jaxgan train_step, one call per step  {step_rate:8.2f} steps/s')
   print(f'  jaxgan train_loop, {args.steps} steps per call  '
