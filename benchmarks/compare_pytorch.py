@@ -235,8 +235,8 @@ def main():
   if compiled_rate:
     report['ratio_jaxgan_over_compile'] = best_jax / compiled_rate
   print(f'batch {args.batch_size}, median of {args.trials} interleaved '
-        f'trials of {args.steps} steps; jaxgan on {jax_device} (jax {jax_version}), '
-        f'PyTorch {torch_version} on {torch_device}')
+        f'trials of {args.steps} steps; jaxgan on {jax_device} '
+        f'(jax {jax_version}), PyTorch {torch_version} on {torch_device}')
   print(f'  jaxgan train_step, one call per step  {step_rate:8.2f} steps/s')
   print(f'  jaxgan train_loop, {args.steps} steps per call  '
         f'{fused_rate:8.2f} steps/s')
