@@ -20,30 +20,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
 import numpy as np
 
-
-def _interleaved_rates(runs: dict, steps: int, trials: int) -> dict:
-  """Steps/s of each run, trials taken in turn: run A, B, C, A, B, C, ...
-
-  Each `run` does `steps` steps and waits for them. Taking the trials in
-  turn, rather than all of one implementation and then all of the next, lets
-  a change in the machine's load touch every implementation alike.
-
-  Returns:
-    `{name: (median steps/s, [steps/s of each trial])}`.
-  """
-  rates = {name: [] for name in runs}
-  for _ in range(trials):
-    for name, run in runs.items():
-      start = time.perf_counter()
-      run()
-      rates[name].append(steps / (time.perf_counter() - start))
-  return {name: (statistics.median(r), r) for name, r in rates.items()}
+from timing import interleaved_rates
 
 
 def torch_dcgan(torch, device):
@@ -196,7 +178,7 @@ def main():
   runs = {'step': run_steps, 'fused': run_fused}
   runs['eager'], torch_device, torch_version = torch_runner(
       args.batch_size, args.steps, images, use_compile=False)
-  rates = _interleaved_rates(runs, args.steps, args.trials)
+  rates = interleaved_rates(runs, args.steps, args.trials)
   (step_rate, step_all), (fused_rate, fused_all) = rates['step'], rates['fused']
   eager_rate, eager_all = rates['eager']
   alone_rate = contractions_alone(args.trials)
@@ -207,7 +189,7 @@ def main():
     try:
       run_compiled, _, _ = torch_runner(args.batch_size, args.steps, images,
                                         use_compile=True)
-      rates.update(_interleaved_rates({'compile': run_compiled}, args.steps,
+      rates.update(interleaved_rates({'compile': run_compiled}, args.steps,
                                       args.trials))
     except Exception as e:  # torch.compile fails in many environment-specific ways.
       compile_error = f'{type(e).__name__}: {e}'[:500]

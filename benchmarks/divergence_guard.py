@@ -11,8 +11,6 @@ noise hits them alike, and prints the median steps/s and their ratio.
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +18,7 @@ import numpy as np
 
 import jaxgan
 from jaxgan import train
+from timing import interleaved_rates
 
 
 def _unguarded(step_fn):
@@ -86,13 +85,9 @@ def main():
   if not finiteness_checks['guarded'] or finiteness_checks['unguarded']:
     raise SystemExit(f'expected finiteness checks only in the guarded loop, '
                      f'got {finiteness_checks}')
-  rates = {name: [] for name in runs}
-  for _ in range(args.trials):
-    for name, run in runs.items():
-      start = time.perf_counter()
-      run()
-      rates[name].append(args.steps / (time.perf_counter() - start))
-  medians = {name: statistics.median(r) for name, r in rates.items()}
+  timed = interleaved_rates(runs, args.steps, args.trials)
+  medians = {name: median for name, (median, _) in timed.items()}
+  rates = {name: trials for name, (_, trials) in timed.items()}
   ratio = medians['guarded'] / medians['unguarded']
   print(f'{jax.devices()[0].device_kind}, jax {jax.__version__}, batch '
         f'{args.batch_size}, {args.steps} steps per call, median of '
