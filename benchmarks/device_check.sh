@@ -9,7 +9,7 @@
 #
 # The machine needs jax with its accelerator plugin, flax, optax,
 # orbax-checkpoint and, for the comparison, torch. For a machine without a
-# package index, run benchmarks/offline_bundle.sh where pip works: it puts the
+# package index, run benchmarks/offline_bundle.py where pip works: it puts the
 # other wheels in .whl/ and MNIST, prepared, in .data/; copy both along with
 # the repository, and this script installs the wheels first.
 #

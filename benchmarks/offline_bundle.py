@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -79,24 +80,37 @@ def closure(roots, python_version: str) -> dict[str, str]:
   return found
 
 
+def download_command(spec: str, python_version: str, out: str) -> list[str]:
+  """`pip download` of `spec`'s wheel for a Linux x86-64 CPython target."""
+  platforms = [arg for platform in PLATFORMS
+               for arg in ('--platform', platform)]
+  return [sys.executable, '-m', 'pip', 'download', '-q', '--no-deps',
+          '--only-binary=:all:', '--python-version', python_version,
+          '--implementation', 'cp', *platforms, '-d', out, spec]
+
+
 def fetch(name: str, version: str, python_version: str, out: str) -> None:
-  """Downloads the wheel of `name==version` for the target, or builds one."""
+  """Downloads the wheel of `name==version` for the target, or builds one.
+
+  Only a source distribution that builds into a pure-Python wheel
+  (`py3-none-any`) is accepted: one with compiled parts would be built for
+  this machine's Python, not the target's.
+  """
   spec = f'{name}=={version}'
-  download = [sys.executable, '-m', 'pip', 'download', '-q', '--no-deps',
-              '--only-binary=:all:', '--python-version', python_version,
-              '--implementation', 'cp', '-d', out, spec]
-  for platform in PLATFORMS:
-    download[-2:-2] = ['--platform', platform]
-  if subprocess.run(download, capture_output=True).returncode == 0:
+  if subprocess.run(download_command(spec, python_version, out),
+                    capture_output=True).returncode == 0:
     return
-  # No wheel for the target: a pure-Python source distribution builds one
-  # that runs anywhere.
-  result = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q',
-                           '--no-deps', '-w', out, spec],
-                          capture_output=True, text=True)
-  if result.returncode != 0:
-    raise SystemExit(f'No wheel of {spec} for Python {python_version}, and '
-                     f'building one failed:\n{result.stderr[-2000:]}')
+  with tempfile.TemporaryDirectory() as build_dir:
+    result = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q',
+                             '--no-deps', '-w', build_dir, spec],
+                            capture_output=True, text=True)
+    built = os.listdir(build_dir) if result.returncode == 0 else []
+    if len(built) != 1 or not built[0].endswith('-none-any.whl'):
+      raise SystemExit(
+          f'No wheel of {spec} for Python {python_version} on the index, and '
+          f'its source does not build into a pure-Python wheel '
+          f'({built or result.stderr[-2000:]}).')
+    shutil.move(os.path.join(build_dir, built[0]), out)
 
 
 def main():

@@ -212,3 +212,17 @@ def test_offline_bundle_resolves_the_reading_path_without_tensorflow():
                  for name in needed)
   assert needed['tensorflow-datasets'] == importlib.metadata.version(
       'tensorflow-datasets')
+
+
+def test_offline_bundle_downloads_for_the_target_python():
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  try:
+    import offline_bundle  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  command = offline_bundle.download_command('dm-tree==0.1.10', '3.12', 'WHL')
+  assert command[-3:] == ['-d', 'WHL', 'dm-tree==0.1.10']
+  assert command[command.index('--python-version') + 1] == '3.12'
+  platforms = [command[i + 1] for i, arg in enumerate(command)
+               if arg == '--platform']
+  assert platforms == list(offline_bundle.PLATFORMS)
