@@ -130,6 +130,11 @@ flags.DEFINE_enum('compute_dtype', _DEFAULTS.compute_dtype,
                   ['float32', 'bfloat16'],
                   'Computation dtype; parameters and optimiser state stay '
                   'float32.')
+flags.DEFINE_enum('conv_kernel_grad', _DEFAULTS.conv_kernel_grad,
+                  list(jaxgan.models.KERNEL_GRADS),
+                  'How the convolutions are computed: auto (per layer and '
+                  'backend), im2col, matmul or xla; the parameters are the '
+                  'same either way.')
 flags.DEFINE_integer('eval_every_epochs', 1,
                      'Evaluate G (FCD, classifier score, coverage) every this '
                      'many epochs, and after the last; 0: after the last '
@@ -220,7 +225,8 @@ def _make_config(**values) -> DCGANConfig:
 _CONFIG_FLAGS = ('learning_rate', 'beta1', 'batch_size', 'generator_batch_norm',
                  'loss', 'penalty', 'penalty_weight', 'penalty_every',
                  'n_critic', 'ema_decay', 'spectral_norm',
-                 'discriminator_batch_norm', 'compute_dtype', 'conditional')
+                 'discriminator_batch_norm', 'compute_dtype', 'conditional',
+                 'conv_kernel_grad')
 
 
 def _flag_config() -> DCGANConfig:

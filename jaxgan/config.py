@@ -41,6 +41,10 @@ class DCGANConfig:
     discriminator_batch_norm: BatchNorm in D (the tutorial's model).
     compute_dtype: 'float32' or 'bfloat16' (parameters and optimiser state
       stay float32).
+    conv_kernel_grad: how both models compute their convolutions: 'auto'
+      (per layer and backend, see `jaxgan.models.auto_kernel_grad`),
+      'im2col', 'matmul' or 'xla'. The parameters are the same either way,
+      and the results agree to float rounding.
   """
 
   noise_dim: int = 100
@@ -60,6 +64,7 @@ class DCGANConfig:
   n_critic: int = 1
   ema_decay: float = 0.0
   compute_dtype: str = 'float32'
+  conv_kernel_grad: str = 'auto'
   learning_rate: float = 2e-4
   beta1: float = 0.5
   batch_size: int = 64
@@ -98,6 +103,10 @@ class DCGANConfig:
       raise ValueError(f'compute_dtype must be one of '
                        f'{sorted(COMPUTE_DTYPES)}, got '
                        f'{self.compute_dtype!r}.')
+    if self.conv_kernel_grad not in models.KERNEL_GRADS:
+      raise ValueError(f'conv_kernel_grad must be one of '
+                       f'{list(models.KERNEL_GRADS)}, got '
+                       f'{self.conv_kernel_grad!r}.')
     if not 0.0 < self.learning_rate < 1.0:
       raise ValueError(
           f'learning_rate must be in (0, 1), got {self.learning_rate}.')
@@ -116,7 +125,8 @@ class DCGANConfig:
         base_channels=self.generator_base_channels,
         conv_channels=self.generator_conv_channels,
         batch_norm=self.generator_batch_norm, num_classes=self.num_classes,
-        dtype=COMPUTE_DTYPES[self.compute_dtype])
+        dtype=COMPUTE_DTYPES[self.compute_dtype],
+        conv_kernel_grad=self.conv_kernel_grad)
 
   def discriminator(self) -> models.Discriminator:
     return models.Discriminator(
@@ -124,7 +134,8 @@ class DCGANConfig:
         channels_2=self.discriminator_channels_2,
         batch_norm=self.discriminator_batch_norm,
         spectral_norm=self.spectral_norm, num_classes=self.num_classes,
-        dtype=COMPUTE_DTYPES[self.compute_dtype])
+        dtype=COMPUTE_DTYPES[self.compute_dtype],
+        conv_kernel_grad=self.conv_kernel_grad)
 
   def optimizer(self) -> optax.GradientTransformation:
     return train.adam(self.learning_rate, self.beta1)

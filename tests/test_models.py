@@ -101,6 +101,25 @@ def test_discriminator_batchnorm_train_and_eval_modes():
   assert not np.allclose(eval_full, logits_train)
 
 
+def test_auto_picks_per_layer_and_backend():
+  pick = jaxgan.models.auto_kernel_grad
+  # The DCGAN's layers: (transposed, output channels).
+  layers = [(True, 64), (True, 1), (False, 64), (False, 128)]
+  assert [pick(*l, backend='cpu') for l in layers] == [
+      'im2col', 'matmul', 'im2col', 'im2col']
+  assert [pick(*l, backend='gpu') for l in layers] == [
+      'im2col', 'im2col', 'im2col', 'xla']
+  assert [pick(*l, backend='tpu') for l in layers] == ['xla'] * 4
+  assert pick(True, 64) == pick(True, 64, backend=jax.default_backend())
+
+
+def test_config_passes_the_implementation_to_both_models():
+  config = jaxgan.DCGANConfig(conv_kernel_grad='xla')
+  assert config.generator().conv_kernel_grad == 'xla'
+  assert config.discriminator().conv_kernel_grad == 'xla'
+  assert jaxgan.DCGANConfig().generator().conv_kernel_grad == 'auto'
+
+
 @pytest.mark.parametrize('choice', ['matmul', 'im2col', 'auto'])
 def test_kernel_gradient_implementations_agree(choice):
   """jaxgan's and XLA's convolutions: same parameters, outputs, gradients."""

@@ -139,6 +139,7 @@ def test_lazy_penalty_is_applied_every_k_steps_scaled_by_k():
     (dict(n_critic=0), 'n_critic'),
     (dict(ema_decay=1.0), 'ema_decay'),
     (dict(compute_dtype='float16'), 'compute_dtype'),
+    (dict(conv_kernel_grad='cudnn'), 'conv_kernel_grad must be one of'),
     (dict(spectral_norm=1), 'spectral_norm'),
 ])
 def test_config_refuses_bad_toolkit_options(fields, message):
