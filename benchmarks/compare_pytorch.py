@@ -59,6 +59,14 @@ def torch_runner(batch_size, steps, images_u8, use_compile):
   """`(run, device, version)`: `run()` does `steps` PyTorch steps, warmed up."""
   import torch  # pylint: disable=g-import-not-at-top
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+  if device.type == 'cuda':
+    # The same arithmetic as jax's default float32 precision on GPUs
+    # (TensorFloat-32 for matmuls and convolutions), and the fastest cuDNN
+    # algorithms for these fixed shapes: PyTorch at its best, not its
+    # defaults.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
   torch.manual_seed(0)
   generator, discriminator = torch_dcgan(torch, device)
   opt_g = torch.optim.Adam(generator.parameters(), 2e-4, betas=(0.5, 0.999))

@@ -2,10 +2,12 @@
 # One accelerator check, most important first: the train step at batch
 # 64/256/1024 on synthetic and real data, the full 20-epoch MNIST run (timed,
 # as the example runs by default, then with evaluation only after the last
-# epoch), the PyTorch comparison, the divergence guard's cost and the
-# per-layer benchmark. Everything (JSON, text, sample grids) lands in one
-# archive, $OUT/device_check.tar.gz (OUT defaults to /tmp/device_check),
-# rewritten after each part, so an interrupted check keeps what it finished.
+# epoch), the PyTorch comparison, the train step under each convolution
+# implementation and compute dtype, the divergence guard's cost, the
+# per-layer benchmark and a profile of the fused loop. Everything (JSON,
+# text, sample grids) lands in one archive, $OUT/device_check.tar.gz (OUT
+# defaults to /tmp/device_check), rewritten after each part, so an
+# interrupted check keeps what it finished.
 #
 # The machine needs jax with its accelerator plugin, flax, optax,
 # orbax-checkpoint and, for the comparison, torch. For a machine without a
@@ -15,9 +17,14 @@
 #
 #   bash benchmarks/device_check.sh                          # the whole check
 #   DEVICE_CHECK_QUICK=1 bash benchmarks/device_check.sh     # toy sizes, any machine
+#   DEVICE_CHECK_PARTS=compare_pytorch,layers bash benchmarks/device_check.sh
 #
-# PYTHON picks the interpreter (default python3). The exit status is 1 if any
-# part failed; the others still run.
+# The parts: environment, train_step, full_run, full_run_final_eval,
+# compare_pytorch, conv_variants, divergence_guard, layers, profile.
+# DEVICE_CHECK_PARTS runs only the named ones (to finish a check that was
+# cut short); each part's wall time is in timings.txt. PYTHON picks the
+# interpreter (default python3). The exit status is 1 if any part failed or
+# an unknown part was named; the others still run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/device_check}"
@@ -43,22 +50,48 @@ if [ -n "${DEVICE_CHECK_QUICK:-}" ]; then
   COMPARE=(--batch_size=8 --steps=2 --trials=1 --no_compile)
   GUARD=(--batch_size=8 --steps=2 --trials=1)
   LAYERS=(--batch_size=2 --trials=1)
+  PROFILE=(--batch_size=8 --steps=2)
+  VARIANTS=(--batch_sizes=8 --conv_kernel_grad=auto,xla --trials=1 --steps=2
+            --fused_steps=2)
 else
   TRAIN_STEP=(--batch_sizes=64,256,1024 --trials=5 --steps=50
-              --fused_steps=937)
+              --fused_steps=300)
   RUN=()
   COMPARE=(--batch_size=64 --steps=200 --trials=5)
   GUARD=(--batch_size=64 --steps=200 --trials=5)
   LAYERS=(--trials=7)
+  PROFILE=(--batch_size=64 --steps=200)
+  VARIANTS=(--batch_sizes=64 --conv_kernel_grad=auto,xla,im2col
+            --compute_dtype=float32,bfloat16 --trials=5 --steps=50
+            --fused_steps=300)
 fi
 
+PARTS=(environment train_step full_run full_run_final_eval compare_pytorch
+       conv_variants divergence_guard layers profile)
 FAILED=()
-# part NAME COMMAND...: runs it with its output in NAME.txt, notes a failure
-# and goes on, then refreshes the archive.
+parts_asked="${DEVICE_CHECK_PARTS:-}"
+for name in ${parts_asked//,/ }; do
+  if [[ " ${PARTS[*]} " != *" $name "* ]]; then
+    echo "DEVICE_CHECK_PARTS: no part named '$name'; the parts are" \
+      "${PARTS[*]}" >&2
+    FAILED+=("$name")
+  fi
+done
+# part NAME COMMAND...: runs it (unless DEVICE_CHECK_PARTS leaves it out)
+# with its output in NAME.txt, notes a failure and its wall time and goes on,
+# then refreshes the archive.
 part() {
   local name="$1"; shift
+  if [ -n "${DEVICE_CHECK_PARTS:-}" ] \
+      && [[ ",$DEVICE_CHECK_PARTS," != *",$name,"* ]]; then
+    return
+  fi
+  local start=$SECONDS status
   "$@" 2>&1 | tee "$RESULTS/$name.txt"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || FAILED+=("$name")
+  status="${PIPESTATUS[0]}"
+  [ "$status" -eq 0 ] || FAILED+=("$name")
+  echo "$name $((SECONDS - start)) s, exit status $status" \
+    | tee -a "$RESULTS/timings.txt"
   archive
 }
 
@@ -95,16 +128,20 @@ PY
 }
 part full_run full_run full_run
 cp "$WORKDIR"/full_run/samples/epoch_*.png "$WORKDIR"/full_run/losses.png \
-  "$RESULTS/" 2>/dev/null
+  "$RESULTS/" 2>/dev/null && archive
 part full_run_final_eval full_run full_run_final_eval --eval_every_epochs=0 \
   --sample_every_epochs=1000
 
 part compare_pytorch "$PYTHON" benchmarks/compare_pytorch.py "${COMPARE[@]}" \
   --json="$RESULTS/compare_pytorch.json"
+part conv_variants "$PYTHON" benchmarks/train_step.py "${VARIANTS[@]}" \
+  --no_contractions --json="$RESULTS/conv_variants.json"
 part divergence_guard "$PYTHON" benchmarks/divergence_guard.py "${GUARD[@]}" \
   --json="$RESULTS/divergence_guard.json"
 part layers "$PYTHON" benchmarks/layers.py "${LAYERS[@]}" \
   --json="$RESULTS/layers.json"
+part profile "$PYTHON" benchmarks/profile_step.py "${PROFILE[@]}" \
+  --trace_dir="$WORKDIR/trace" --json="$RESULTS/profile.json"
 
 echo "wrote $OUT/device_check.tar.gz"
 if [ "${#FAILED[@]}" -gt 0 ]; then

@@ -14,6 +14,10 @@ step they are, and about how fast it could run if the rest cost nothing.
 
   python benchmarks/train_step.py --batch_sizes=64,256,1024 --json=/tmp/bench.json
   python benchmarks/train_step.py --data=both --mnist_dir=../shared/datasets/mnist
+  python benchmarks/train_step.py --batch_sizes=64 --conv_kernel_grad=auto,xla,im2col --compute_dtype=float32,bfloat16
+
+With several --conv_kernel_grad or --compute_dtype values, every combination
+is measured in the same process, one after the other.
 """
 
 import argparse
@@ -28,22 +32,23 @@ import numpy as np
 
 import jaxgan
 
-# Dense peak FLOP/s for float32 work as XLA runs it by default (TF32 tensor
-# cores on NVIDIA GPUs, bfloat16 passes on TPUs); None where unknown.
+# Dense peak FLOP/s per device: for float32 work as XLA runs it by default
+# (TF32 tensor cores on NVIDIA GPUs, bfloat16 passes on TPUs) and for
+# bfloat16; None where unknown.
 PEAK_FLOPS = (
-    ('H200', 494.7e12),
-    ('H100', 494.7e12),
-    ('A100', 156e12),
-    ('TPU v5 lite', 197e12),
-    ('TPU v5e', 197e12),
-    ('TPU v4', 275e12),
+    ('H200', {'float32': 494.7e12, 'bfloat16': 989.4e12}),
+    ('H100', {'float32': 494.7e12, 'bfloat16': 989.4e12}),
+    ('A100', {'float32': 156e12, 'bfloat16': 312e12}),
+    ('TPU v5 lite', {'float32': 197e12, 'bfloat16': 197e12}),
+    ('TPU v5e', {'float32': 197e12, 'bfloat16': 197e12}),
+    ('TPU v4', {'float32': 275e12, 'bfloat16': 275e12}),
 )
 
 
-def peak_flops(device_kind: str) -> float | None:
+def peak_flops(device_kind: str, dtype: str = 'float32') -> float | None:
   for name, flops in PEAK_FLOPS:
     if name.lower() in device_kind.lower():
-      return flops
+      return flops[dtype]
   return None
 
 
@@ -76,8 +81,12 @@ def analytic_flops_per_step(config: jaxgan.DCGANConfig,
   return batch_size * (3 * generator + 6 * discriminator + 2 * discriminator)
 
 
-def compiled_flops(compiled) -> float | None:
-  analysis = compiled.cost_analysis()
+def xla_flops(stage) -> float | None:
+  """FLOPs from XLA's cost analysis of a lowered or compiled function."""
+  try:
+    analysis = stage.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None  # Not every backend and jax version offers it.
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else None
   if not analysis or 'flops' not in analysis:
@@ -252,8 +261,16 @@ def _summary(times: list[float], steps: int, batch_size: int) -> dict:
 
 def benchmark(images: jax.Array, batch_size: int, steps: int, fused_steps: int,
               trials: int, device, matmul_flops: float,
-              alone_cache: dict) -> dict:
-  config = jaxgan.DCGANConfig(batch_size=batch_size)
+              alone_cache: dict | None, conv_kernel_grad: str = 'auto',
+              compute_dtype: str = 'float32') -> dict:
+  """One row of the table: rates, compile times and FLOPs of one setting.
+
+  `alone_cache` maps a setting to its `contractions_alone` result (the data
+  does not change the operations); None skips that measurement.
+  """
+  config = jaxgan.DCGANConfig(batch_size=batch_size,
+                              conv_kernel_grad=conv_kernel_grad,
+                              compute_dtype=compute_dtype)
   num_batches = len(images) // batch_size
   if num_batches < 1:
     raise SystemExit(f'batch size {batch_size} exceeds the dataset '
@@ -265,10 +282,13 @@ def benchmark(images: jax.Array, batch_size: int, steps: int, fused_steps: int,
                     (i % num_batches + 1) * batch_size] for i in range(steps)]
 
   start = time.perf_counter()
-  compiled = jaxgan.train_step.lower(state_g, state_d, batches[0],
-                                     keys[0]).compile()
+  lowered = jaxgan.train_step.lower(state_g, state_d, batches[0], keys[0])
+  compiled = lowered.compile()
   compile_step = time.perf_counter() - start
-  flops_xla = compiled_flops(compiled)
+  flops_xla = xla_flops(compiled)
+  # Before optimisation, where no convolution or matmul has become a library
+  # call yet: XLA:GPU's compiled count leaves out cuDNN's and cuBLAS's work.
+  flops_hlo = xla_flops(lowered)
 
   state = {'g': state_g, 'd': state_d}
 
@@ -299,27 +319,50 @@ def benchmark(images: jax.Array, batch_size: int, steps: int, fused_steps: int,
   run_loop()
   loop_times = _trials(run_loop, trials)
 
-  if batch_size not in alone_cache:  # The data does not change the operations.
-    alone_cache[batch_size] = contractions_alone(
+  setting = (batch_size, conv_kernel_grad, compute_dtype)
+  if alone_cache is not None and setting not in alone_cache:
+    alone_cache[setting] = contractions_alone(
         state['g'], state['d'], batches[0], keys[0], trials)
   flops = analytic_flops_per_step(config, batch_size)
   result = {
       'batch_size': batch_size,
+      'conv_kernel_grad': conv_kernel_grad,
+      'compute_dtype': compute_dtype,
       'compile_seconds_step': compile_step,
       'compile_seconds_loop': compile_loop,
       'flops_per_step_analytic': flops,
       'flops_per_step_xla': flops_xla,
+      'flops_per_step_xla_unoptimized': flops_hlo,
       'step': _summary(step_times, steps, batch_size),
       'fused': {**_summary(loop_times, fused_steps, batch_size),
                 'steps_per_call': fused_steps},
-      'contractions_alone': alone_cache[batch_size],
+      'contractions_alone': (None if alone_cache is None
+                             else alone_cache[setting]),
   }
-  peak = peak_flops(device.device_kind)
+  peak = peak_flops(device.device_kind, compute_dtype)
   for mode in ('step', 'fused'):
     achieved = flops * result[mode]['steps_per_sec']
     result[mode]['mfu'] = achieved / peak if peak else None
     result[mode]['fraction_of_matmul_rate'] = achieved / matmul_flops
   return result
+
+
+def _print_row(result: dict):
+  mfu = result['fused']['mfu']
+  xla = result['flops_per_step_xla']
+  alone = result['contractions_alone']
+  print(f'{result["data"]:10s}{result["batch_size"]:6d}'
+        f'{result["conv_kernel_grad"]:>8s}{result["compute_dtype"]:>9s}'
+        f'{result["compile_seconds_step"]:10.1f}'
+        f'{result["step"]["steps_per_sec"]:9.2f}'
+        f'{result["step"]["images_per_sec"]:10.0f}'
+        f'{result["fused"]["steps_per_sec"]:9.2f}'
+        f'{result["fused"]["images_per_sec"]:10.0f}'
+        f'{result["flops_per_step_analytic"] / 1e9:11.2f}'
+        f'{xla / 1e9 if xla else float("nan"):8.2f}'
+        f'{"unknown" if mfu is None else f"{mfu:.1%}":>8s}'
+        f'{result["fused"]["fraction_of_matmul_rate"]:10.1%}'
+        f'{alone["steps_per_sec"] if alone else float("nan"):9.2f}')
 
 
 def _dataset(kind: str, args, device) -> jax.Array:
@@ -345,6 +388,14 @@ def main():
                            "jax's default)")
   parser.add_argument('--data', choices=('synthetic', 'mnist', 'both'),
                       default='synthetic')
+  parser.add_argument('--conv_kernel_grad', default='auto',
+                      help='comma-separated convolution implementations '
+                           f'{jaxgan.models.KERNEL_GRADS} to measure')
+  parser.add_argument('--compute_dtype', default='float32',
+                      help='comma-separated dtypes (float32, bfloat16) to '
+                           'measure')
+  parser.add_argument('--no_contractions', action='store_true',
+                      help='skip timing the contractions one by one')
   parser.add_argument('--mnist_dir', default=None)
   parser.add_argument('--data_dir', default=None)
   parser.add_argument('--json', default=None, help='write results here')
@@ -358,6 +409,13 @@ def main():
                                  args.fused_steps) < 1:
     parser.error('batch sizes, --trials, --steps and --fused_steps must be '
                  'positive')
+  settings = [(conv, dtype) for conv in args.conv_kernel_grad.split(',')
+              for dtype in args.compute_dtype.split(',')]
+  for conv, dtype in settings:
+    try:
+      jaxgan.DCGANConfig(conv_kernel_grad=conv, compute_dtype=dtype)
+    except ValueError as e:
+      parser.error(str(e))
   try:
     device = jax.devices(args.device)[0]
   except RuntimeError as e:
@@ -372,41 +430,36 @@ def main():
   print(f'{device.device_kind} ({device.platform}), jax {jax.__version__}; '
         f'median of {args.trials} trials; 2048^3 float32 matmul '
         f'{matmul_flops / 1e9:.0f} GFLOP/s')
-  print(f'{"data":10s}{"batch":>6s}{"compile s":>10s}{"step/s":>9s}'
+  print(f'{"data":10s}{"batch":>6s}{"conv":>8s}{"dtype":>9s}'
+        f'{"compile s":>10s}{"step/s":>9s}'
         f'{"img/s":>10s}{"fused/s":>9s}{"img/s":>10s}{"GFLOP/step":>11s}'
         f'{"XLA":>8s}{"MFU":>8s}{"of matmul":>10s}{"matmul/s":>9s}')
-  alone_cache = {}
+  alone_cache = None if args.no_contractions else {}
   with jax.default_device(device):
     for kind in kinds:
       images = _dataset(kind, args, device)
       for batch_size in batch_sizes:
-        result = benchmark(images, batch_size, args.steps, args.fused_steps,
-                           args.trials, device, matmul_flops, alone_cache)
-        result['data'] = kind
-        report['results'].append(result)
-        mfu = result['fused']['mfu']
-        xla = result['flops_per_step_xla']
-        print(f'{kind:10s}{batch_size:6d}{result["compile_seconds_step"]:10.1f}'
-              f'{result["step"]["steps_per_sec"]:9.2f}'
-              f'{result["step"]["images_per_sec"]:10.0f}'
-              f'{result["fused"]["steps_per_sec"]:9.2f}'
-              f'{result["fused"]["images_per_sec"]:10.0f}'
-              f'{result["flops_per_step_analytic"] / 1e9:11.2f}'
-              f'{xla / 1e9 if xla else float("nan"):8.2f}'
-              f'{"unknown" if mfu is None else f"{mfu:.1%}":>8s}'
-              f'{result["fused"]["fraction_of_matmul_rate"]:10.1%}'
-              f'{result["contractions_alone"]["steps_per_sec"]:9.2f}')
+        for conv, dtype in settings:
+          result = benchmark(images, batch_size, args.steps, args.fused_steps,
+                             args.trials, device, matmul_flops, alone_cache,
+                             conv, dtype)
+          result['data'] = kind
+          report['results'].append(result)
+          _print_row(result)
   print('matmul/s: steps/s of a step made only of its matrix products and '
         'convolutions, each timed alone (no normalisation, activations, '
         'losses or optimiser)')
   if args.data == 'both':
+    conv, dtype = settings[0]
     for batch_size in batch_sizes:
       rates = {r['data']: r['fused']['steps_per_sec']
-               for r in report['results'] if r['batch_size'] == batch_size}
+               for r in report['results'] if r['batch_size'] == batch_size
+               and r['conv_kernel_grad'] == conv
+               and r['compute_dtype'] == dtype}
       ratio = rates['mnist'] / rates['synthetic']
       report.setdefault('real_over_synthetic', {})[batch_size] = ratio
-      print(f'batch {batch_size}: real-data / synthetic-data fused steps/s = '
-            f'{ratio:.3f}')
+      print(f'batch {batch_size} ({conv}, {dtype}): real-data / '
+            f'synthetic-data fused steps/s = {ratio:.3f}')
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(report, f, indent=2)

@@ -61,6 +61,83 @@ def test_train_step_benchmark_reports_rates_and_flops(tmp_path):
   assert 'matmul/s' in stdout
 
 
+@pytest.mark.slow
+def test_train_step_benchmark_measures_each_setting(tmp_path):
+  out = tmp_path / 'variants.json'
+  stdout = _run('train_step.py', '--batch_sizes=4', '--trials=1', '--steps=1',
+                '--fused_steps=1', '--conv_kernel_grad=xla,im2col',
+                '--compute_dtype=float32,bfloat16', '--no_contractions',
+                f'--json={out}')
+  report = json.loads(out.read_text())
+  settings = [(r['conv_kernel_grad'], r['compute_dtype'])
+              for r in report['results']]
+  assert settings == [('xla', 'float32'), ('xla', 'bfloat16'),
+                      ('im2col', 'float32'), ('im2col', 'bfloat16')]
+  for result in report['results']:
+    assert result['fused']['steps_per_sec'] > 0
+    assert result['contractions_alone'] is None
+    # The unoptimised program's count: XLA:CPU keeps its convolutions and
+    # dots, so both counts see the same work.
+    assert result['flops_per_step_xla_unoptimized'] == pytest.approx(
+        result['flops_per_step_xla'], rel=0.1)
+  # im2col also multiplies the transposed convolution's phase-matrix zeros.
+  flops = {r['conv_kernel_grad']: r['flops_per_step_xla_unoptimized']
+           for r in report['results']}
+  assert flops['im2col'] > flops['xla']
+  assert 'im2col bfloat16' in ' '.join(stdout.split())
+
+
+def test_train_step_benchmark_refuses_unknown_settings():
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'benchmarks', 'train_step.py'),
+       '--conv_kernel_grad=cudnn'], capture_output=True, text=True,
+      timeout=300, cwd=REPO)
+  assert result.returncode == 2
+  assert 'conv_kernel_grad must be one of' in result.stderr
+
+
+def test_profile_summary_sums_each_timeline():
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  try:
+    import profile_step  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  meta = lambda kind, pid, tid, name: {'ph': 'M', 'name': kind, 'pid': pid,
+                                       'tid': tid, 'args': {'name': name}}
+  event = lambda pid, name, ts, dur: {'ph': 'X', 'pid': pid, 'tid': 0,
+                                      'name': name, 'ts': ts, 'dur': dur}
+  trace = {'traceEvents': [
+      meta('process_name', 1, 0, '/device:GPU:0'),
+      meta('thread_name', 1, 0, 'Stream #1'),
+      meta('process_name', 2, 0, '/host:CPU'),
+      # Two steps on the device: a conv overlapping a fusion, and a gap.
+      event(1, 'conv', 0, 30), event(1, 'fusion', 20, 20),
+      event(1, 'conv', 100, 30), event(1, 'fusion', 120, 20),
+      event(2, 'launch', 0, 5),
+      {'ph': 'i', 'pid': 1, 'tid': 0, 'name': 'marker', 'ts': 3},
+  ]}
+  device, host = profile_step.summarise_trace(trace, steps=2, top=1)
+  assert device['timeline'] == '/device:GPU:0 / Stream #1'
+  assert device['busy_us_per_step'] == 40  # The union: 0-40 and 100-140.
+  assert device['events_per_step'] == 2
+  assert device['operations'] == [
+      {'name': 'conv', 'us_per_step': 30, 'calls_per_step': 1}]
+  assert host['busy_us_per_step'] == 2.5
+
+
+@pytest.mark.slow
+def test_profile_benchmark_traces_the_fused_loop(tmp_path):
+  out = tmp_path / 'profile.json'
+  stdout = _run('profile_step.py', '--batch_size=4', '--steps=2',
+                f'--trace_dir={tmp_path / "trace"}', f'--json={out}')
+  report = json.loads(out.read_text())
+  assert report['wall_us_per_step_untraced'] > 0
+  assert report['trace'].startswith(str(tmp_path / 'trace'))
+  busiest = report['timelines'][0]
+  assert busiest['busy_us_per_step'] > 0 and busiest['operations']
+  assert 'µs per step' in stdout
+
+
 def test_step_contractions_counts_nested_and_repeated_operations():
   sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
   try:
@@ -183,7 +260,8 @@ def test_device_check_runs_every_part_at_toy_sizes(tmp_path, mnist_data_dir):
     read = lambda name: json.load(archive.extractfile(f'device_check/{name}'))
     expected = ['train_step.json', 'full_run.json', 'full_run_final_eval.json',
                 'compare_pytorch.txt', 'divergence_guard.json', 'layers.json',
-                'environment.txt', 'epoch_001.png']
+                'environment.txt', 'epoch_001.png', 'conv_variants.json',
+                'profile.json', 'timings.txt']
     if importlib.util.find_spec('torch') is not None:
       expected.append('compare_pytorch.json')
     for name in expected:
@@ -195,6 +273,32 @@ def test_device_check_runs_every_part_at_toy_sizes(tmp_path, mnist_data_dir):
       assert run['steps'] == 2 and run['epochs'] == 1
       assert run['wall_seconds'] > 0 and 'fcd' in run['final']
     assert read('divergence_guard.json')['guarded_over_unguarded'] > 0
+    assert [r['conv_kernel_grad'] for r in read('conv_variants.json')[
+        'results']] == ['auto', 'xla']
+    timings = archive.extractfile('device_check/timings.txt').read().decode()
+    assert [line.split()[0] for line in timings.splitlines()] == [
+        'environment', 'train_step', 'full_run', 'full_run_final_eval',
+        'compare_pytorch', 'conv_variants', 'divergence_guard', 'layers',
+        'profile']
+
+
+def test_device_check_runs_only_the_parts_named(tmp_path):
+  def check(parts):
+    return subprocess.run(
+        ['bash', os.path.join(REPO, 'benchmarks', 'device_check.sh')],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, 'DEVICE_CHECK_QUICK': '1', 'OUT': str(tmp_path),
+             'DEVICE_CHECK_PARTS': parts, 'PYTHON': sys.executable})
+
+  result = check('environment')
+  assert result.returncode == 0, result.stderr
+  with tarfile.open(tmp_path / 'device_check.tar.gz') as archive:
+    assert sorted(archive.getnames()) == [
+        'device_check', 'device_check/environment.txt',
+        'device_check/timings.txt']
+  result = check('environment,trainstep')
+  assert result.returncode == 1
+  assert "no part named 'trainstep'" in result.stderr
 
 
 def test_offline_bundle_resolves_the_reading_path_without_tensorflow():
