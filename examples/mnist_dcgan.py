@@ -17,6 +17,7 @@ checkpoints/, best/, samples/*.png, steps.csv, metrics.jsonl, losses.png,
 eval_summary.json, tensorboard/ and test/.
 """
 
+import concurrent.futures
 import os
 import signal
 import sys
@@ -278,6 +279,26 @@ class Run:
     # Every device of every process; process 0 writes the files people read.
     self.mesh = parallel.make_mesh()
     self.main = parallel.is_main_process()
+    # losses.png is redrawn in the background (about 0.3 s a time), so the
+    # next epoch's steps start without waiting for it.
+    self._plotter = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    self._plot = None
+
+  def plot_losses(self) -> None:
+    """Redraws losses.png from the steps logged so far, in the background."""
+    self.finish_plot()
+    logged = os.path.getsize(self.logger.steps_path) if os.path.isfile(
+        self.logger.steps_path) else 0
+    self._plot = self._plotter.submit(
+        lambda: plot_losses(self.logger.read_steps('train', upto=logged),
+                            os.path.join(self.workdir, 'losses.png'),
+                            'DCGAN on MNIST'))
+
+  def finish_plot(self) -> None:
+    """Waits for the last redraw of losses.png; raises what it raised."""
+    plot, self._plot = self._plot, None
+    if plot is not None:
+      plot.result()
 
   def restore_or_init(self, require: bool):
     """Returns (config, state_g, state_d, run_key, meta).
@@ -364,6 +385,7 @@ class Run:
     return step
 
   def close(self):
+    self._plotter.shutdown(wait=True)
     self.checkpointer.close()
     self.best.close()
     if self.logger is not None:
@@ -923,14 +945,14 @@ def train_phase(run: Run) -> None:
     run.save(phase.state_g, phase.state_d, phase.run_key, phase.meta,
              best=is_best)
     if run.main:
-      plot_losses(run.logger.read_steps('train'),
-                  os.path.join(run.workdir, 'losses.png'), 'DCGAN on MNIST')
+      run.plot_losses()
     tqdm.write(f'epoch {done:3d}: d_loss {record["d_loss"]:.4f}  g_loss '
                f'{record["g_loss"]:.4f}  D(x) {record["d_real"]:.3f}  '
                f'D(G(z)) {record["d_fake"]:.3f}  '
                f'{record["steps_per_sec"]:.1f} steps/s{eval_note}')
   run.checkpointer.wait_until_finished()
   run.best.wait_until_finished()
+  run.finish_plot()
   print(f'Done: {FLAGS.num_epochs} epochs, {FLAGS.num_epochs * spe} steps in '
         f'{time.time() - start_time:.0f}s; final d_loss {record["d_loss"]:.4f}'
         f', g_loss {record["g_loss"]:.4f}, D(x) {record["d_real"]:.3f}, '

@@ -5,6 +5,7 @@ touches the compiled step.
 """
 
 import csv
+import io
 import json
 import os
 from typing import Any, Iterable, Mapping
@@ -13,6 +14,10 @@ import numpy as np
 
 STEP_COLUMNS = ('phase', 'step', 'd_loss', 'g_loss', 'd_real', 'd_fake',
                 'd_penalty')
+# Events queued for TensorBoard's writer thread before an add blocks. With
+# tensorboardX's default of 10, every add waited on that thread: logging an
+# epoch's 937 steps one scalar at a time took 0.5 s while the device idled.
+_TENSORBOARD_QUEUE = 4096
 
 
 def truncate_log(path: str, keep) -> None:
@@ -59,9 +64,9 @@ def _write_csv(f, rows) -> None:
   writer.writerows(rows)
 
 
-def _atomic_write(path: str, write) -> None:
+def _atomic_write(path: str, write, binary: bool = False) -> None:
   tmp = f'{path}.tmp'
-  with open(tmp, 'w', newline='') as f:
+  with (open(tmp, 'wb') if binary else open(tmp, 'w', newline='')) as f:
     write(f)
   os.replace(tmp, path)
 
@@ -81,8 +86,9 @@ class RunLogger:
     self.metrics_path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
     if enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      from tensorboardX import FileWriter  # pylint: disable=g-import-not-at-top
+      self._tb = FileWriter(os.path.join(workdir, 'tensorboard'),
+                            max_queue=_TENSORBOARD_QUEUE)
 
   def forget_after(self, phase: str, step: int, epoch: int) -> None:
     """Drops logged rows of `phase` past `step` / `epoch` (see truncate_log)."""
@@ -104,13 +110,18 @@ class RunLogger:
       writer = csv.DictWriter(f, fieldnames=STEP_COLUMNS)
       if new_file:
         writer.writeheader()
+      tags = [f'{phase}/{name}' for name in metrics]
+      columns = [np.asarray(values, np.float64).tolist()
+                 for values in metrics.values()]
       for i in range(num):
         step = first_step + i + 1
+        values = [column[i] for column in columns]
         row = {'phase': phase, 'step': step}
-        for name, values in metrics.items():
-          row[name] = f'{float(values[i]):.6g}'
-          self._tb.add_scalar(f'{phase}/{name}', float(values[i]), step)
+        row.update((name, f'{value:.6g}')
+                   for name, value in zip(metrics, values))
         writer.writerow(row)
+        # One event per step, holding all its metrics.
+        self._tb.add_summary(_scalars(zip(tags, values)), step)
 
   def log_epoch(self, record: dict[str, Any]) -> None:
     """Appends one JSON line and the record's numbers to TensorBoard."""
@@ -118,23 +129,39 @@ class RunLogger:
       return
     with open(self.metrics_path, 'a') as f:
       f.write(json.dumps(record) + '\n')
-    for name, value in record.items():
-      if isinstance(value, (int, float)) and name not in ('epoch', 'step'):
-        self._tb.add_scalar(f'{record["phase"]}_epoch/{name}', value,
-                            record['epoch'])
+    self._tb.add_summary(_scalars(
+        (f'{record["phase"]}_epoch/{name}', value)
+        for name, value in record.items()
+        if isinstance(value, (int, float)) and name not in ('epoch', 'step')),
+        record['epoch'])
     self._tb.flush()
 
   def log_image(self, tag: str, picture: np.ndarray, step: int) -> None:
     """Adds a uint8 `[H, W, C]` picture to TensorBoard."""
     if self.enabled:
-      self._tb.add_image(tag, picture, step, dataformats='HWC')
+      from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+      self._tb.add_summary(summary.image(tag, picture, dataformats='HWC'),
+                           step)
 
-  def read_steps(self, phase: str) -> dict[str, np.ndarray]:
-    """All logged per-step metrics of a phase, as arrays."""
+  def read_steps(self, phase: str, upto: int | None = None
+                 ) -> dict[str, np.ndarray]:
+    """All logged per-step metrics of a phase, as arrays.
+
+    Args:
+      phase: 'train' or 'discriminator'.
+      upto: read only the file's first `upto` bytes (its size after the
+        last `log_steps`), so that a reader in another thread never sees a
+        row that is being appended.
+
+    Returns:
+      `{column: [N]}` for the step columns.
+    """
     if not os.path.isfile(self.steps_path):
       return {}
     with open(self.steps_path, newline='') as f:
-      rows = [r for r in csv.DictReader(f) if r['phase'] == phase]
+      text = f.read() if upto is None else f.read(upto)
+    rows = [r for r in csv.DictReader(io.StringIO(text, newline=''))
+            if r['phase'] == phase]
     return {name: np.array([float(r[name]) if r.get(name) else np.nan
                             for r in rows])
             for name in STEP_COLUMNS[1:]}
@@ -144,20 +171,30 @@ class RunLogger:
       self._tb.close()
 
 
+def _scalars(tagged_values: Iterable[tuple[str, float]]):
+  """A TensorBoard `Summary` of several scalars."""
+  from tensorboardX.proto.summary_pb2 import Summary  # pylint: disable=g-import-not-at-top
+  return Summary(value=[Summary.Value(tag=tag, simple_value=float(value))
+                        for tag, value in tagged_values])
+
+
 def plot_losses(steps: Mapping[str, np.ndarray], path: str,
                 title: str = '') -> str | None:
-  """Plots per-step losses and D's outputs to a PNG; None if no data."""
+  """Plots per-step losses and D's outputs to a PNG; None if no data.
+
+  Safe to call from a background thread: it uses no pyplot state, and the
+  file is replaced whole, never seen half written.
+  """
   if not steps or not len(steps.get('step', ())):
     return None
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
   def smooth(values: np.ndarray) -> np.ndarray:
     window = max(1, len(values) // 100)
     return np.convolve(values, np.ones(window) / window, mode='valid')
 
-  fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+  fig = Figure(figsize=(8, 6))
+  top, bottom = fig.subplots(2, 1, sharex=True)
   for name, axis in (('d_loss', top), ('g_loss', top), ('d_real', bottom),
                      ('d_fake', bottom)):
     values = steps.get(name)
@@ -176,8 +213,8 @@ def plot_losses(steps: Mapping[str, np.ndarray], path: str,
   if title:
     top.set_title(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _atomic_write(path, lambda f: fig.savefig(f, dpi=100, format='png'),
+                binary=True)
   return path
 
 
