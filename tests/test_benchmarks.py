@@ -13,6 +13,15 @@ import pytest
 from conftest import REPO
 
 
+def _benchmark_module(name):
+  """Imports benchmarks/<name>.py, which imports its neighbours by name."""
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  try:
+    return importlib.import_module(name)
+  finally:
+    sys.path.pop(0)
+
+
 def _run(script, *args):
   result = subprocess.run(
       [sys.executable, os.path.join(REPO, 'benchmarks', script), *args],
@@ -97,11 +106,7 @@ def test_train_step_benchmark_refuses_unknown_settings():
 
 
 def test_profile_summary_sums_each_timeline():
-  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
-  try:
-    import profile_step  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.pop(0)
+  profile_step = _benchmark_module('profile_step')
   meta = lambda kind, pid, tid, name: {'ph': 'M', 'name': kind, 'pid': pid,
                                        'tid': tid, 'args': {'name': name}}
   event = lambda pid, name, ts, dur: {'ph': 'X', 'pid': pid, 'tid': 0,
@@ -139,11 +144,7 @@ def test_profile_benchmark_traces_the_fused_loop(tmp_path):
 
 
 def test_step_contractions_counts_nested_and_repeated_operations():
-  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
-  try:
-    import train_step as bench  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.pop(0)
+  bench = _benchmark_module('train_step')
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
@@ -302,11 +303,7 @@ def test_device_check_runs_only_the_parts_named(tmp_path):
 
 
 def test_offline_bundle_resolves_the_reading_path_without_tensorflow():
-  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
-  try:
-    import offline_bundle  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.pop(0)
+  offline_bundle = _benchmark_module('offline_bundle')
   needed = offline_bundle.closure(offline_bundle.ROOTS, '3.12')
   for name in ('tensorflow-datasets', 'array-record', 'tensorboardx',
                'promise', 'etils', 'numpy'):
@@ -319,11 +316,7 @@ def test_offline_bundle_resolves_the_reading_path_without_tensorflow():
 
 
 def test_offline_bundle_downloads_for_the_target_python():
-  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
-  try:
-    import offline_bundle  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.pop(0)
+  offline_bundle = _benchmark_module('offline_bundle')
   command = offline_bundle.download_command('dm-tree==0.1.10', '3.12', 'WHL')
   assert command[-3:] == ['-d', 'WHL', 'dm-tree==0.1.10']
   assert command[command.index('--python-version') + 1] == '3.12'
