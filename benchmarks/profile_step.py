@@ -28,7 +28,7 @@ import numpy as np
 import jaxgan
 
 
-def _busy_seconds(intervals: list[tuple[float, float]]) -> float:
+def _union_length(intervals: list[tuple[float, float]]) -> float:
   """Length of the union of `[start, end)` intervals, in their units."""
   total, reach = 0.0, -float('inf')
   for start, end in sorted(intervals):
@@ -67,7 +67,7 @@ def summarise_trace(trace: dict, steps: int, top: int) -> list[dict]:
     for event in events:
       costs[event['name']][0] += event['dur']
       costs[event['name']][1] += 1
-    busy = _busy_seconds([(e['ts'], e['ts'] + e['dur']) for e in events])
+    busy = _union_length([(e['ts'], e['ts'] + e['dur']) for e in events])
     operations = sorted(costs.items(), key=lambda item: -item[1][0])[:top]
     summaries.append({
         'timeline': f'{names.get(pid, pid)} / {names.get((pid, tid), tid)}',
