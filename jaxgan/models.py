@@ -39,7 +39,7 @@ def auto_kernel_grad(transposed: bool, features: int,
   backend = backend or jax.default_backend()
   if backend == 'cpu':
     return 'im2col' if features >= _IM2COL_MIN_FEATURES else 'matmul'
-  if backend in ('gpu', 'cuda', 'rocm'):
+  if backend == 'gpu':
     if not transposed and features >= _GPU_XLA_MIN_FEATURES:
       return 'xla'
     return 'im2col'
