@@ -217,7 +217,7 @@ def train_step(mesh: Mesh):
 
 
 _LOOP_OPTIONS = ('num_steps', 'batch_size', 'steps_per_epoch', 'loss',
-                 'unroll')
+                 'unroll', 'guard')
 
 
 def _compile_loop(function, mesh: Mesh, num_arrays: int, out_shardings,
@@ -248,8 +248,8 @@ def train_loop(mesh: Mesh):
 
   Returns:
     `loop(state_g, state_d, images, key, *, num_steps, batch_size,
-    steps_per_epoch=None, loss=NON_SATURATING, unroll=1)`, with `images`
-    from `shard_dataset`.
+    steps_per_epoch=None, loss=NON_SATURATING, unroll=1, guard='freeze')`,
+    with `images` from `shard_dataset`.
   """
   rep = replicated(mesh)
   return _compile_loop(train_lib.train_loop.__wrapped__, mesh, 4,

@@ -494,14 +494,27 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
 
 
-def _guarded(step_fn):
-  """Wraps a loop step so that divergence freezes the carry.
+GUARDS = ('freeze', 'detect')
+
+
+def _check_guard(guard: str) -> None:
+  if guard not in GUARDS:
+    raise ValueError(f'guard must be one of {GUARDS}, got {guard!r}: '
+                     "'freeze' keeps the last finite states, 'detect' only "
+                     'flags the first non-finite step.')
+
+
+def _guarded(step_fn, guard: str = 'freeze'):
+  """Wraps a loop step with the divergence check.
 
   The carry becomes `(carry, diverged)`. A step whose metrics or new states
-  hold a NaN or an infinity sets `diverged`, and from then on the carry is
-  left as it was before that step: the loop returns the last finite states,
-  and the per-step `finite` metric (False from that step on) tells the host
-  where it went wrong, with no host round trip inside the loop.
+  hold a NaN or an infinity sets `diverged`, and the per-step `finite`
+  metric (False from that step on) tells the host where it went wrong, with
+  no host round trip inside the loop. With `guard='freeze'` the carry is
+  then left as it was before that step, so the loop returns the last finite
+  states: a select per state array, every step. With `guard='detect'` the
+  states go on updating (and hold NaN or infinity after the bad step), for
+  callers that restore a checkpoint on divergence and never read them.
   """
 
   def guarded(carry, batch, key):
@@ -509,19 +522,22 @@ def _guarded(step_fn):
     new_state, metrics = step_fn(state, batch, key)
     finite = _all_finite((new_state, metrics))
     diverged = diverged | ~finite
-    state = jax.tree.map(lambda old, new: jnp.where(diverged, old, new),
-                         state, new_state)
-    return (state, diverged), {**metrics, 'finite': ~diverged}
+    if guard == 'freeze':
+      new_state = jax.tree.map(lambda old, new: jnp.where(diverged, old, new),
+                               state, new_state)
+    return (new_state, diverged), {**metrics, 'finite': ~diverged}
 
   return guarded
 
 
 def _scan_steps(step_fn, carry, images, key, first_step, num_steps,
-                batch_size, steps_per_epoch, unroll, num_shards=1, groups=1):
+                batch_size, steps_per_epoch, unroll, num_shards=1, groups=1,
+                guard='freeze'):
   """Runs `step_fn` for steps first_step .. first_step + num_steps - 1.
 
-  Steps are guarded (see `_guarded`): the returned carry is that of the last
-  finite step, and the metrics gain a per-step bool `finite`. Each step
+  Steps are guarded (see `_guarded`): with `guard='freeze'` the returned
+  carry is that of the last finite step; either way the metrics gain a
+  per-step bool `finite`. Each step
   takes `batch_size` images made of `groups` sub-batches (the D updates of
   one step with `n_critic = groups`), each spread evenly over the shards.
   """
@@ -567,7 +583,8 @@ def _scan_steps(step_fn, carry, images, key, first_step, num_steps,
                           *a.shape[1:]), images)
   shard_batch = batch_size // num_shards
 
-  guarded_step = _guarded(step_fn)
+  _check_guard(guard)
+  guarded_step = _guarded(step_fn, guard)
 
   def body(carry, offset):
     step = first_step + offset
@@ -605,12 +622,13 @@ def _scan_steps(step_fn, carry, images, key, first_step, num_steps,
 @functools.partial(
     jax.jit, donate_argnums=(0, 1),
     static_argnames=('num_steps', 'batch_size', 'steps_per_epoch', 'loss',
-                     'unroll', 'num_shards'))
+                     'unroll', 'num_shards', 'guard'))
 def train_loop(state_g: GeneratorState, state_d: DiscriminatorState,
                images: jax.Array, key: jax.Array, *, num_steps: int,
                batch_size: int, steps_per_epoch: int | None = None,
                loss: losses_lib.GANLoss = losses_lib.NON_SATURATING,
                unroll: int | bool = 1, num_shards: int = 1,
+               guard: str = 'freeze',
                ) -> tuple[GeneratorState, DiscriminatorState, Metrics]:
   """Runs `num_steps` train steps in one compiled call (`lax.scan`).
 
@@ -620,10 +638,11 @@ def train_loop(state_g: GeneratorState, state_d: DiscriminatorState,
   `s % steps_per_epoch`. See `loop_keys` for the keys, so the result equals
   calling `train_step` on the same batches with the same keys.
 
-  Divergence is caught inside the loop: once a step yields a NaN or an
-  infinity in a loss or a state, the remaining steps of the call leave the
-  states untouched, so the call returns the last finite states (their `step`
-  tells how far they got) and `metrics['finite']` marks the failing step.
+  Divergence is caught inside the loop: `metrics['finite']` marks the first
+  step that yields a NaN or an infinity in a loss or a state. With the
+  default `guard='freeze'` the remaining steps of the call leave the states
+  untouched, so the call returns the last finite states (their `step` tells
+  how far they got).
 
   Args:
     state_g: generator state (consumed).
@@ -642,6 +661,10 @@ def train_loop(state_g: GeneratorState, state_d: DiscriminatorState,
       so on CPU prefer `num_steps=1`, which compiles without a loop.
     num_shards: data-parallel shards the dataset is split into (static);
       see `epoch_permutation`. `jaxgan.parallel` sets it to the mesh size.
+    guard: 'freeze' (keep the last finite states: a select per state array
+      every step) or 'detect' (only flag the step; the returned states are
+      then unusable), for callers that restore a checkpoint on divergence
+      (static).
 
   Returns:
     `(state_g, state_d, metrics)`, metrics stacked per step: `[num_steps]`
@@ -658,20 +681,21 @@ def train_loop(state_g: GeneratorState, state_d: DiscriminatorState,
   (state_g, state_d), metrics = _scan_steps(
       step_fn, (state_g, state_d), images, key, state_g.step, num_steps,
       batch_size * loss.n_critic, steps_per_epoch, unroll, num_shards,
-      groups=loss.n_critic)
+      groups=loss.n_critic, guard=guard)
   return state_g, state_d, metrics
 
 
 @functools.partial(
     jax.jit, donate_argnums=(1,),
     static_argnames=('num_steps', 'batch_size', 'steps_per_epoch', 'loss',
-                     'unroll', 'num_shards'))
+                     'unroll', 'num_shards', 'guard'))
 def discriminator_loop(state_g: GeneratorState, state_d: DiscriminatorState,
                        images: jax.Array, key: jax.Array,
                        first_step: jax.typing.ArrayLike, *, num_steps: int,
                        batch_size: int, steps_per_epoch: int | None = None,
                        loss: losses_lib.GANLoss = losses_lib.NON_SATURATING,
                        unroll: int | bool = 1, num_shards: int = 1,
+                       guard: str = 'freeze',
                        ) -> tuple[DiscriminatorState, Metrics]:
   """Runs `num_steps` discriminator-only steps in one compiled call.
 
@@ -691,6 +715,7 @@ def discriminator_loop(state_g: GeneratorState, state_d: DiscriminatorState,
     loss: the GAN loss pair (static).
     unroll: `lax.scan`'s unroll (static), as for `train_loop`.
     num_shards: data shards (static), as for `train_loop`.
+    guard: 'freeze' or 'detect' (static), as for `train_loop`.
 
   Returns:
     `(state_d, metrics)`, metrics stacked per step: `[num_steps]` arrays
@@ -701,7 +726,8 @@ def discriminator_loop(state_g: GeneratorState, state_d: DiscriminatorState,
     return _discriminator_step(state_g, state_d, batch, step_key, loss)
 
   return _scan_steps(step_fn, state_d, images, key, first_step, num_steps,
-                     batch_size, steps_per_epoch, unroll, num_shards)
+                     batch_size, steps_per_epoch, unroll, num_shards,
+                     guard=guard)
 
 
 def stack_seeds(trees: Any) -> Any:
@@ -735,12 +761,13 @@ def seed_slice(tree: Any, index: int) -> Any:
 @functools.partial(
     jax.jit, donate_argnums=(0, 1),
     static_argnames=('num_steps', 'batch_size', 'steps_per_epoch', 'loss',
-                     'unroll', 'num_shards'))
+                     'unroll', 'num_shards', 'guard'))
 def train_loop_seeds(state_g: GeneratorState, state_d: DiscriminatorState,
                      images: jax.Array, keys: jax.Array, *, num_steps: int,
                      batch_size: int, steps_per_epoch: int | None = None,
                      loss: losses_lib.GANLoss = losses_lib.NON_SATURATING,
                      unroll: int | bool = 1, num_shards: int = 1,
+                     guard: str = 'freeze',
                      ) -> tuple[GeneratorState, DiscriminatorState, Metrics]:
   """`train_loop` for several independent runs in one compiled program.
 
@@ -761,6 +788,7 @@ def train_loop_seeds(state_g: GeneratorState, state_d: DiscriminatorState,
     loss: the GAN objective (static).
     unroll: `lax.scan`'s unroll (static).
     num_shards: data shards (static).
+    guard: 'freeze' or 'detect' (static), as for `train_loop`.
 
   Returns:
     `(state_g, state_d, metrics)` with metrics `[num_seeds, num_steps]`.
@@ -769,7 +797,7 @@ def train_loop_seeds(state_g: GeneratorState, state_d: DiscriminatorState,
     return train_loop.__wrapped__(
         state_g, state_d, images, key, num_steps=num_steps,
         batch_size=batch_size, steps_per_epoch=steps_per_epoch, loss=loss,
-        unroll=unroll, num_shards=num_shards)
+        unroll=unroll, num_shards=num_shards, guard=guard)
 
   return jax.vmap(one_run)(state_g, state_d, keys)
 
@@ -777,13 +805,13 @@ def train_loop_seeds(state_g: GeneratorState, state_d: DiscriminatorState,
 @functools.partial(
     jax.jit, donate_argnums=(1,),
     static_argnames=('num_steps', 'batch_size', 'steps_per_epoch', 'loss',
-                     'unroll', 'num_shards'))
+                     'unroll', 'num_shards', 'guard'))
 def discriminator_loop_seeds(
     state_g: GeneratorState, state_d: DiscriminatorState, images: jax.Array,
     keys: jax.Array, first_step: jax.typing.ArrayLike, *, num_steps: int,
     batch_size: int, steps_per_epoch: int | None = None,
     loss: losses_lib.GANLoss = losses_lib.NON_SATURATING,
-    unroll: int | bool = 1, num_shards: int = 1,
+    unroll: int | bool = 1, num_shards: int = 1, guard: str = 'freeze',
 ) -> tuple[DiscriminatorState, Metrics]:
   """`discriminator_loop` for several runs at once (see `train_loop_seeds`).
 
@@ -794,7 +822,7 @@ def discriminator_loop_seeds(
     return discriminator_loop.__wrapped__(
         state_g, state_d, images, key, first_step, num_steps=num_steps,
         batch_size=batch_size, steps_per_epoch=steps_per_epoch, loss=loss,
-        unroll=unroll, num_shards=num_shards)
+        unroll=unroll, num_shards=num_shards, guard=guard)
 
   return jax.vmap(one_run)(state_g, state_d, keys)
 

@@ -236,15 +236,19 @@ def test_layer_benchmark_times_every_implementation(tmp_path):
         assert row[f'{impl}_{mode}_ms'] > 0
 
 
-def test_divergence_guard_benchmark_compares_both_loops(tmp_path):
+def test_divergence_guard_benchmark_compares_each_guard_with_none(tmp_path):
   out = tmp_path / 'guard.json'
   stdout = _run('divergence_guard.py', '--batch_size=4', '--steps=2',
                 '--trials=1', f'--json={out}')
-  assert 'guarded / unguarded' in stdout
+  assert 'freeze / unguarded' in stdout and 'detect / unguarded' in stdout
   report = json.loads(out.read_text())
-  assert report['finiteness_checks']['unguarded'] == 0
-  assert report['finiteness_checks']['guarded'] > 0
-  assert report['guarded_over_unguarded'] > 0
+  checks, selects = report['finiteness_checks'], report['selects']
+  assert checks['unguarded'] == 0
+  assert checks['freeze'] == checks['detect'] > 0
+  assert selects['freeze'] > selects['detect'] == selects['unguarded']
+  assert set(report['steps_per_sec']) == {'freeze', 'detect', 'unguarded'}
+  assert report['freeze_over_unguarded'] > 0
+  assert report['detect_over_unguarded'] > 0
 
 
 @pytest.mark.slow
@@ -273,7 +277,7 @@ def test_device_check_runs_every_part_at_toy_sizes(tmp_path, mnist_data_dir):
       run = read(name)
       assert run['steps'] == 2 and run['epochs'] == 1
       assert run['wall_seconds'] > 0 and 'fcd' in run['final']
-    assert read('divergence_guard.json')['guarded_over_unguarded'] > 0
+    assert read('divergence_guard.json')['detect_over_unguarded'] > 0
     assert [r['conv_kernel_grad'] for r in read('conv_variants.json')[
         'results']] == ['auto', 'xla']
     timings = archive.extractfile('device_check/timings.txt').read().decode()

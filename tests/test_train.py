@@ -243,6 +243,37 @@ def test_fused_loop_stops_updating_at_the_first_non_finite_step(loop_states):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_detect_guard_flags_the_same_step_and_does_not_freeze(loop_states):
+  """guard='detect' marks the first NaN step as 'freeze' does, but the states
+  go on updating through it (no select): they end non-finite."""
+  images = np.array(jaxgan.to_float_images(_dataset()[:192]))
+  loop_key = jax.random.key(5)
+  shuffle_key, _ = jaxgan.loop_keys(loop_key)
+  order = np.asarray(jaxgan.epoch_permutation(shuffle_key, 0, len(images)))
+  images[order[64 + 10]] = np.nan
+  kwargs = dict(num_steps=3, batch_size=64, steps_per_epoch=3)
+  _, _, frozen = jaxgan.train_loop(
+      *copy_tree(loop_states), images, loop_key, guard='freeze', **kwargs)
+  detect_g, detect_d, detected = jaxgan.train_loop(
+      *copy_tree(loop_states), images, loop_key, guard='detect', **kwargs)
+  assert detected['finite'].tolist() == frozen['finite'].tolist() == [
+      True, False, False]
+  for name in ('d_loss', 'g_loss', 'd_real', 'd_fake'):
+    np.testing.assert_allclose(detected[name][0], frozen[name][0], rtol=1e-6)
+  assert int(detect_g.step) == int(detect_d.step) == 3
+  assert not all(np.all(np.isfinite(leaf))
+                 for leaf in jax.tree.leaves(detect_d.params))
+  _, d_metrics = jaxgan.discriminator_loop(
+      detect_g, detect_d, images, loop_key, 0, guard='detect', **kwargs)
+  assert d_metrics['finite'].tolist() == [False] * 3
+
+
+def test_fused_loops_reject_an_unknown_guard(states):
+  with pytest.raises(ValueError, match="guard must be one of.*'skip'"):
+    jaxgan.train_loop(*copy_tree(states), _dataset(), jax.random.key(0),
+                      num_steps=2, batch_size=64, guard='skip')
+
+
 def test_fused_loop_visits_each_example_once_per_epoch():
   order = jaxgan.epoch_permutation(jax.random.key(0), 3, 200)
   assert sorted(np.asarray(order).tolist()) == list(range(200))
