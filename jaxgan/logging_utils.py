@@ -5,9 +5,11 @@ touches the compiled step.
 """
 
 import csv
+import importlib
 import io
 import json
 import os
+import sys
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -18,6 +20,25 @@ STEP_COLUMNS = ('phase', 'step', 'd_loss', 'g_loss', 'd_real', 'd_fake',
 # tensorboardX's default of 10, every add waited on that thread: logging an
 # epoch's 937 steps one scalar at a time took 0.5 s while the device idled.
 _TENSORBOARD_QUEUE = 4096
+
+
+def _tensorboardx():
+  """The `tensorboardX` package, imported without loading PyTorch.
+
+  tensorboardX's writer imports torch when it is installed, only to accept
+  torch tensors. That costs seconds at start-up (more with CUDA builds, as on
+  GPU machines) and jaxgan logs numpy values only, so unless torch is
+  already loaded, its import is made to fail while tensorboardX loads (a
+  `None` in `sys.modules` makes `import torch` raise ImportError, which
+  tensorboardX handles); torch imports normally afterwards.
+  """
+  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+    return importlib.import_module('tensorboardX')
+  sys.modules['torch'] = None
+  try:
+    return importlib.import_module('tensorboardX')
+  finally:
+    del sys.modules['torch']
 
 
 def truncate_log(path: str, keep) -> None:
@@ -86,9 +107,8 @@ class RunLogger:
     self.metrics_path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
     if enabled:
-      from tensorboardX import FileWriter  # pylint: disable=g-import-not-at-top
-      self._tb = FileWriter(os.path.join(workdir, 'tensorboard'),
-                            max_queue=_TENSORBOARD_QUEUE)
+      self._tb = _tensorboardx().FileWriter(
+          os.path.join(workdir, 'tensorboard'), max_queue=_TENSORBOARD_QUEUE)
 
   def forget_after(self, phase: str, step: int, epoch: int) -> None:
     """Drops logged rows of `phase` past `step` / `epoch` (see truncate_log)."""
@@ -139,9 +159,8 @@ class RunLogger:
   def log_image(self, tag: str, picture: np.ndarray, step: int) -> None:
     """Adds a uint8 `[H, W, C]` picture to TensorBoard."""
     if self.enabled:
-      from tensorboardX import summary  # pylint: disable=g-import-not-at-top
-      self._tb.add_summary(summary.image(tag, picture, dataformats='HWC'),
-                           step)
+      self._tb.add_summary(
+          _tensorboardx().summary.image(tag, picture, dataformats='HWC'), step)
 
   def read_steps(self, phase: str, upto: int | None = None
                  ) -> dict[str, np.ndarray]:
@@ -173,7 +192,7 @@ class RunLogger:
 
 def _scalars(tagged_values: Iterable[tuple[str, float]]):
   """A TensorBoard `Summary` of several scalars."""
-  from tensorboardX.proto.summary_pb2 import Summary  # pylint: disable=g-import-not-at-top
+  Summary = _tensorboardx().proto.summary_pb2.Summary  # pylint: disable=invalid-name
   return Summary(value=[Summary.Value(tag=tag, simple_value=float(value))
                         for tag, value in tagged_values])
 

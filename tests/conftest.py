@@ -1,7 +1,9 @@
 """Shared fixtures: small models and states, and the real MNIST prepared once."""
 
 import os
+import shutil
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,30 @@ MNIST_DIR = os.environ.get(
 
 
 EXAMPLE = os.path.join(REPO, 'examples', 'mnist_dcgan.py')
+
+_CACHE_VARIABLE = 'JAX_COMPILATION_CACHE_DIR'
+_OWN_CACHE = []
+
+
+def pytest_configure(config):
+  """One persistent XLA compilation cache for the session and its example
+  subprocesses, which compile the same programs many times over.
+
+  A cache of the caller's own (JAX_COMPILATION_CACHE_DIR) is used as is;
+  otherwise a fresh one is made and removed at the end, so no session sees
+  programs compiled by an earlier one.
+  """
+  del config
+  if not os.environ.get(_CACHE_VARIABLE):
+    _OWN_CACHE.append(tempfile.mkdtemp(prefix='jaxgan-xla-cache-'))
+    os.environ[_CACHE_VARIABLE] = _OWN_CACHE[0]
+  jax.config.update('jax_compilation_cache_dir', os.environ[_CACHE_VARIABLE])
+
+
+def pytest_unconfigure(config):
+  del config
+  for directory in _OWN_CACHE:
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def example_command(flags, prelude: str = '') -> list[str]:

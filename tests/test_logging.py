@@ -5,6 +5,8 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -81,3 +83,27 @@ def test_reading_up_to_a_size_ignores_rows_appended_later(tmp_path):
   np.testing.assert_array_equal(steps['d_loss'], [1.0, 2.0])
   assert len(logger.read_steps('train', upto=None)['step']) == 4
   logger.close()
+
+
+def test_tensorboard_logging_does_not_load_pytorch(tmp_path):
+  """tensorboardX would import torch (seconds at start-up); the logger keeps
+  it out, and torch still imports afterwards where it is installed."""
+  code = f'''
+import importlib.util, sys
+import numpy as np
+from jaxgan.logging_utils import RunLogger
+logger = RunLogger({str(tmp_path)!r})
+logger.log_steps('train', 0, {{'d_loss': np.ones(2, np.float32)}})
+logger.log_image('samples', np.zeros((4, 4, 1), np.uint8), 1)
+logger.close()
+assert 'torch' not in sys.modules, 'torch was imported'
+if importlib.util.find_spec('torch') is not None:
+  import torch
+  assert torch.zeros(1).shape == (1,)
+print('ok')
+'''
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                          text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == 'ok'
+  assert len(_events(str(tmp_path / 'tensorboard'))) >= 2
