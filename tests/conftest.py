@@ -32,6 +32,8 @@ def pytest_configure(config):
   programs compiled by an earlier one.
   """
   del config
+  # Parallel test processes on one GPU would each take 75% of its memory.
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   if not os.environ.get(_CACHE_VARIABLE):
     _OWN_CACHE.append(tempfile.mkdtemp(prefix='jaxgan-xla-cache-'))
     os.environ[_CACHE_VARIABLE] = _OWN_CACHE[0]
