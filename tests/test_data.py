@@ -84,7 +84,8 @@ def test_offline_without_files_fails_fast_with_advice(tmp_path, offline):
 
 def test_hanging_network_probe_times_out(tmp_path, monkeypatch):
   def hang(*args, **kwargs):
-    time.sleep(30)
+    time.sleep(30)  # Then fail as a connection that timed out does.
+    raise TimeoutError('timed out')
   monkeypatch.setattr(data.socket, 'create_connection', hang)
   start = time.time()
   with pytest.raises(jaxgan.DataError, match='cannot be reached'):
