@@ -119,11 +119,24 @@ full_run() {  # name, then flags for the example
 import json, sys
 name, start, end, workdir, out = sys.argv[1:]
 records = [json.loads(l) for l in open(f'{workdir}/metrics.jsonl')]
-summary = {'wall_seconds': float(end) - float(start), 'epochs': len(records),
-           'steps': records[-1]['step'], 'final': records[-1]}
+wall = float(end) - float(start)
+# Where the wall clock went, from the example's own epoch records: the first
+# epoch includes compiling the loop; "other" is start-up (imports, data,
+# states), sample grids, checkpoints and logs between epochs, and exit.
+first, later = records[0]['seconds'], sum(r['seconds'] for r in records[1:])
+evals = sum(r.get('eval_seconds', 0.0) for r in records)
+breakdown = {
+    'first_epoch_seconds': first, 'later_epochs_seconds': later,
+    'later_epochs_steps_per_sec': (
+        (records[-1]['step'] - records[0]['step']) / later if later else None),
+    'eval_seconds': evals, 'other_seconds': wall - first - later - evals}
+summary = {'wall_seconds': wall, 'epochs': len(records),
+           'steps': records[-1]['step'], 'breakdown': breakdown,
+           'final': records[-1]}
 json.dump(summary, open(f'{out}/{name}.json', 'w'), indent=2)
-print(f'{name}: {summary["wall_seconds"]:.1f} s wall clock for '
-      f'{summary["steps"]} steps')
+print(f'{name}: {wall:.1f} s wall clock for {summary["steps"]} steps: ' +
+      ', '.join(f'{k} {v:.1f}' for k, v in breakdown.items()
+                if v is not None))
 PY
 }
 part full_run full_run full_run
