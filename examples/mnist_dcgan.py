@@ -18,6 +18,8 @@ eval_summary.json, tensorboard/ and test/.
 """
 
 import concurrent.futures
+import copy
+import functools
 import os
 import signal
 import sys
@@ -558,7 +560,7 @@ def _concat(parts: list) -> dict:
 
 def _run_epoch(loop, epoch: int, start: int, spe: int, chunk: int,
                description: str, logger: RunLogger, phase: str, partial,
-               checkpoint, stop: _StopRequest) -> dict:
+               checkpoint, stop: _StopRequest, after_first_dispatch) -> dict:
   """Runs steps start..spe-1 of an epoch in fused chunks.
 
   Calls are dispatched asynchronously; metrics are fetched once a call has
@@ -579,6 +581,8 @@ def _run_epoch(loop, epoch: int, start: int, spe: int, chunk: int,
     partial: metrics of the epoch's steps before `start`, or None.
     checkpoint: saves a mid-epoch checkpoint, given the metrics so far.
     stop: the signal state.
+    after_first_dispatch: called once the epoch's first call is queued, so
+      host work runs while the device computes.
 
   Returns:
     The whole epoch's per-step metrics (host float32 arrays).
@@ -617,6 +621,8 @@ def _run_epoch(loop, epoch: int, start: int, spe: int, chunk: int,
       if every:
         size = min(size, every - (first_step + done) % every)
       pending.append((first_step + done, loop(size, first_step + done)))
+      if done == start:
+        after_first_dispatch()
       done += size
       drain(wait_all=False)
       boundary = every and (first_step + done) % every == 0
@@ -802,7 +808,9 @@ class _Phase:
 
   Runs each epoch in chunks (`_run_epoch`), with mid-epoch checkpoints, stops
   on SIGINT/SIGTERM, and the divergence policy; the phase function does the
-  end-of-epoch work (evaluation, logs, checkpoint) between epochs.
+  end-of-epoch work (evaluation, logs, checkpoint) between epochs. What of it
+  needs no device state can wait for the next epoch's first call
+  (`after_next_dispatch`), so the device does not idle through it.
 
   Attributes:
     state_g, state_d, run_key, meta: the current states and checkpoint data.
@@ -820,6 +828,18 @@ class _Phase:
     self.run_key, self.meta, self.step = run_key, meta, step
     self.loop_key = _loop_key(run_key, stream, meta)
     self._dispatch = dispatch
+    self._deferred = None
+
+  def after_next_dispatch(self, work) -> None:
+    """Runs `work()` once the next epoch's first call is queued, or before
+    the phase ends or stops. `work` must not touch the device states (that
+    call consumes them): give it host copies (`parallel.to_host`)."""
+    self._deferred = work
+
+  def _run_deferred(self) -> None:
+    work, self._deferred = self._deferred, None
+    if work is not None:
+      work()
 
   def _checkpoint(self, metrics_so_far: dict) -> None:
     self.meta[f'{self.phase}_partial_epoch'] = {
@@ -829,8 +849,9 @@ class _Phase:
   def epochs(self, num_epochs: int, chunk: int, label: str):
     """Yields `(epochs_done, record)` after each epoch.
 
-    The caller saves the checkpoint before asking for the next epoch; a stop
-    requested by a signal is then raised as `_Stopped`.
+    The caller saves the checkpoint before asking for the next epoch, or
+    hands the saving to `after_next_dispatch` with host copies of the
+    states; a stop requested by a signal is then raised as `_Stopped`.
     """
     spe, phase = self.spe, self.phase
     rollbacks = 0
@@ -844,14 +865,19 @@ class _Phase:
               start, spe, chunk, f'{label} {epoch + 1}/{num_epochs}',
               self.run.logger, phase,
               _partial_metrics(self.meta, phase) if start else None,
-              self._checkpoint, stop)
+              self._checkpoint, stop, self._run_deferred)
         except _Diverged as diverged:
+          # The deferred work ran when this epoch's first call was queued.
           (self.state_g, self.state_d, self.run_key, self.meta,
            self.step) = _handle_divergence(self.run, self.config, diverged,
                                            phase, spe, rollbacks)
           rollbacks += 1
           self.loop_key = _loop_key(self.run_key, self.stream, self.meta)
           continue
+        except BaseException:
+          # A call that failed to start must not lose the last epoch's save.
+          self._run_deferred()
+          raise
         done = epoch + 1
         self.meta[f'{phase}_epoch'] = done
         self.meta[f'{phase}_partial_epoch'] = None
@@ -859,7 +885,20 @@ class _Phase:
                                   time.time() - epoch_start)
         self.step = done * spe
         if stop.requested and self.step < num_epochs * spe:
+          self._run_deferred()
           raise _Stopped(stop.signum, self.step)
+      self._run_deferred()
+
+
+def _finish_epoch(run: Run, record: dict, host_states, run_key, meta: dict,
+                  best: bool, line: str) -> None:
+  """The end-of-epoch writes: epoch record, checkpoint, plot, summary line."""
+  # Logged before the checkpoint: a resume trims what it does not cover.
+  run.logger.log_epoch(record)
+  run.save(*host_states, run_key, meta, best=best)
+  if run.main:
+    run.plot_losses()
+  tqdm.write(line)
 
 
 def train_phase(run: Run) -> None:
@@ -945,16 +984,16 @@ def train_phase(run: Run) -> None:
       if 'conditional_accuracy' in last_eval:
         eval_note += (f'  digit accuracy '
                       f'{last_eval["conditional_accuracy"]:.3f}')
-    # Logged before the checkpoint: a resume trims what it does not cover.
-    run.logger.log_epoch(record)
-    run.save(phase.state_g, phase.state_d, phase.run_key, phase.meta,
-             best=is_best)
-    if run.main:
-      run.plot_losses()
-    tqdm.write(f'epoch {done:3d}: d_loss {record["d_loss"]:.4f}  g_loss '
-               f'{record["g_loss"]:.4f}  D(x) {record["d_real"]:.3f}  '
-               f'D(G(z)) {record["d_fake"]:.3f}  '
-               f'{record["steps_per_sec"]:.1f} steps/s{eval_note}')
+    line = (f'epoch {done:3d}: d_loss {record["d_loss"]:.4f}  g_loss '
+            f'{record["g_loss"]:.4f}  D(x) {record["d_real"]:.3f}  '
+            f'D(G(z)) {record["d_fake"]:.3f}  '
+            f'{record["steps_per_sec"]:.1f} steps/s{eval_note}')
+    # Logs and checkpoint wait for the next epoch's first call, from host
+    # copies taken now: the device computes while the host writes.
+    phase.after_next_dispatch(functools.partial(
+        _finish_epoch, run, record, parallel.to_host(
+            (phase.state_g, phase.state_d)), phase.run_key,
+        copy.deepcopy(phase.meta), is_best, line))
   run.checkpointer.wait_until_finished()
   run.best.wait_until_finished()
   run.finish_plot()

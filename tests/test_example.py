@@ -313,3 +313,40 @@ def test_readme_library_example_runs(tmp_path, mnist_data_dir):
       timeout=600, cwd=REPO, env={**os.environ, 'TFDS_DATA_DIR': mnist_data_dir})
   assert result.returncode == 0, result.stderr
   assert "'d_loss'" in result.stdout
+
+
+@pytest.mark.slow
+def test_epoch_writes_wait_for_the_next_epochs_first_call(tmp_path,
+                                                          mnist_data_dir):
+  """An epoch's checkpoint is written once the next epoch's first call is
+  queued (from host copies), so the device does not idle through it; the
+  last epoch's is written before the run reports it done."""
+  prelude = '''
+import atexit
+from jaxgan import checkpoint, parallel
+events = []
+save = checkpoint.Checkpointer.save
+def logged_save(self, step, *args, **kwargs):
+  events.append(f'save {step}')
+  return save(self, step, *args, **kwargs)
+checkpoint.Checkpointer.save = logged_save
+make_loop = parallel.train_loop
+def logged_make_loop(mesh):
+  loop = make_loop(mesh)
+  def call(*args, **kwargs):
+    events.append('call')
+    return loop(*args, **kwargs)
+  return call
+parallel.train_loop = logged_make_loop
+atexit.register(lambda: print('EVENTS', ','.join(events)))
+'''
+  result = _run(*_short_run(tmp_path / 'run', mnist_data_dir),
+                '--num_epochs=2', '--eval_every_epochs=0',
+                '--steps_per_call=1', prelude=prelude)
+  events = result.stdout.split('EVENTS ')[1].splitlines()[0].split(',')
+  # Two steps per epoch, one per call: epoch 1's checkpoint (D's update 2)
+  # follows epoch 2's first call. The last epoch is evaluated, so its best
+  # checkpoint is saved before its latest one.
+  assert events == ['call', 'call', 'call', 'save 2', 'call', 'save 4',
+                    'save 4']
+  assert 'Done: 2 epochs' in result.stdout
