@@ -945,8 +945,11 @@ def train_phase(run: Run) -> None:
   del state_g, state_d, meta  # From here on they live in `phase`.
   start_time = time.time()
   for done, record in phase.epochs(FLAGS.num_epochs, chunk, 'epoch'):
+    # One host copy serves the grid, the evaluation and the checkpoint,
+    # which is written after the next epoch's call consumes the states.
+    host_states = parallel.to_host((phase.state_g, phase.state_d))
     if done % FLAGS.sample_every_epochs == 0 or done == FLAGS.num_epochs:
-      _save_grid(run, phase.state_g, noise, f'epoch_{done:03d}.png',
+      _save_grid(run, host_states[0], noise, f'epoch_{done:03d}.png',
                  done * spe)
     is_best = False
     eval_note = ''
@@ -954,8 +957,7 @@ def train_phase(run: Run) -> None:
       eval_start = time.time()
       # Every process evaluates the same host copy, so all of them take the
       # same best-checkpoint decision (orbax saves collectively).
-      host_g = parallel.to_host(phase.state_g)
-      last_eval = _evaluate_seeds(host_g, reference, eval_key,
+      last_eval = _evaluate_seeds(host_states[0], reference, eval_key,
                                   FLAGS.eval_samples)
       record.update({name: value for name, value in last_eval.items()
                      if name in _EVAL_FIELDS or name.endswith('_std')
@@ -988,11 +990,9 @@ def train_phase(run: Run) -> None:
             f'{record["g_loss"]:.4f}  D(x) {record["d_real"]:.3f}  '
             f'D(G(z)) {record["d_fake"]:.3f}  '
             f'{record["steps_per_sec"]:.1f} steps/s{eval_note}')
-    # Logs and checkpoint wait for the next epoch's first call, from host
-    # copies taken now: the device computes while the host writes.
+    # The device computes the next epoch while the host writes these.
     phase.after_next_dispatch(functools.partial(
-        _finish_epoch, run, record, parallel.to_host(
-            (phase.state_g, phase.state_d)), phase.run_key,
+        _finish_epoch, run, record, host_states, phase.run_key,
         copy.deepcopy(phase.meta), is_best, line))
   run.checkpointer.wait_until_finished()
   run.best.wait_until_finished()
