@@ -537,9 +537,9 @@ def _scan_steps(step_fn, carry, images, key, first_step, num_steps,
 
   Steps are guarded (see `_guarded`): with `guard='freeze'` the returned
   carry is that of the last finite step; either way the metrics gain a
-  per-step bool `finite`. Each step
-  takes `batch_size` images made of `groups` sub-batches (the D updates of
-  one step with `n_critic = groups`), each spread evenly over the shards.
+  per-step bool `finite`. Each step takes `batch_size` images made of
+  `groups` sub-batches (the D updates of one step with `n_critic = groups`),
+  each spread evenly over the shards.
   """
   # `images` may be a pytree of arrays with one row per example (the pair
   # (images, labels) of a conditional GAN); rows are gathered alike.

@@ -228,13 +228,19 @@ def test_fused_loop_equals_single_steps(loop_states, first_step, num_steps):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_fused_loop_stops_updating_at_the_first_non_finite_step(loop_states):
-  """A NaN image in the second batch: the loop keeps the first step's states."""
+def _nan_in_second_batch():
+  """Three batches of 64 and a loop key whose step 1 batch holds a NaN."""
   images = np.array(jaxgan.to_float_images(_dataset()[:192]))
   loop_key = jax.random.key(5)
   shuffle_key, _ = jaxgan.loop_keys(loop_key)
   order = np.asarray(jaxgan.epoch_permutation(shuffle_key, 0, len(images)))
   images[order[64 + 10]] = np.nan
+  return images, loop_key
+
+
+def test_fused_loop_stops_updating_at_the_first_non_finite_step(loop_states):
+  """A NaN image in the second batch: the loop keeps the first step's states."""
+  images, loop_key = _nan_in_second_batch()
   kwargs = dict(batch_size=64, steps_per_epoch=3)
   fused_g, fused_d, metrics = jaxgan.train_loop(
       *copy_tree(loop_states), images, loop_key, num_steps=3, **kwargs)
@@ -252,11 +258,7 @@ def test_fused_loop_stops_updating_at_the_first_non_finite_step(loop_states):
 def test_detect_guard_flags_the_same_step_and_does_not_freeze(loop_states):
   """guard='detect' marks the first NaN step as 'freeze' does, but the states
   go on updating through it (no select): they end non-finite."""
-  images = np.array(jaxgan.to_float_images(_dataset()[:192]))
-  loop_key = jax.random.key(5)
-  shuffle_key, _ = jaxgan.loop_keys(loop_key)
-  order = np.asarray(jaxgan.epoch_permutation(shuffle_key, 0, len(images)))
-  images[order[64 + 10]] = np.nan
+  images, loop_key = _nan_in_second_batch()
   kwargs = dict(num_steps=3, batch_size=64, steps_per_epoch=3)
   _, _, frozen = jaxgan.train_loop(
       *copy_tree(loop_states), images, loop_key, guard='freeze', **kwargs)
