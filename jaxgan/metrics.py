@@ -15,7 +15,11 @@ All three metrics look at images through jaxgan's own MNIST classifier
 
 The classifier runs jitted over batches; the sufficient statistics (feature
 moments, probability sums, prediction counts) are accumulated on the host in
-float64, and a small host-side finish turns them into the numbers.
+float64, and a small host-side finish turns them into the numbers. The
+batches are queued on the device without waiting for each other and fetched
+in groups, so the device never idles between them; `start_evaluation` returns
+once all of them are queued, so a training loop can queue its next steps
+behind them and collect the numbers while those run.
 
 Example:
   >>> reference = jaxgan.metrics.mnist_reference_statistics(mnist_dir=...)
@@ -28,7 +32,7 @@ Example:
 import functools
 import os
 import zipfile
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Generic, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +47,13 @@ IMAGE_SHAPE = (28, 28, 1)
 # uniform share (10% of 1/10 of the samples): a handful of stray
 # predictions should not hide a collapsed mode.
 DEFAULT_MIN_SHARE = 0.1
+# Batches whose results wait on the device before the host fetches them (all
+# but the newest, which keeps the device busy meanwhile): enough for a
+# 10,000-image evaluation in batches of 500 to be fetched once, few enough
+# to bound the device memory the features of a long evaluation hold.
+_MAX_PENDING_BATCHES = 32
+
+_T = TypeVar('_T')
 
 
 class FeatureStatistics(NamedTuple):
@@ -265,16 +276,17 @@ def _xlogx(p):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _batch_statistics(module, params, images):
-  """Features and the class sums of one batch, on the device."""
+  """The images' range, their features and class sums, on the device."""
   features, logits = module.apply({'params': params}, images)
   probabilities = jax.nn.softmax(logits)
   log_probabilities = jax.nn.log_softmax(logits)
   predictions = jnp.argmax(logits, -1)
-  return (features,
-          probabilities.sum(0),
-          jnp.sum(probabilities * log_probabilities),
-          jnp.zeros(NUM_CLASSES, jnp.int32).at[predictions].add(1),
-          probabilities.max(-1).sum())
+  return ((images.min(), images.max()),
+          (features,
+           probabilities.sum(0),
+           jnp.sum(probabilities * log_probabilities),
+           jnp.zeros(NUM_CLASSES, jnp.int32).at[predictions].add(1),
+           probabilities.max(-1).sum()))
 
 
 def as_classifier_input(images: Any, name: str = 'images') -> np.ndarray:
@@ -292,6 +304,16 @@ def as_classifier_input(images: Any, name: str = 'images') -> np.ndarray:
   Raises:
     JaxganError: wrong rank, size or dtype, or float values outside [-1, 1].
   """
+  images, needs_range_check = _classifier_input(images, name)
+  if needs_range_check and images.size:
+    _check_range(name, float(images.min()), float(images.max()))
+  return images
+
+
+def _classifier_input(images: Any, name: str) -> tuple[Any, bool]:
+  """`as_classifier_input` without the range check, which a device array
+  would pay for with a wait for the device; returns `(images, whether the
+  range still needs checking)`."""
   xp = jnp if isinstance(images, jax.Array) else np
   images = images if isinstance(images, jax.Array) else np.asarray(images)
   if images.ndim == 3:
@@ -301,66 +323,131 @@ def as_classifier_input(images: Any, name: str = 'images') -> np.ndarray:
         f'{name} must be [N, 28, 28, 1] (or [N, 28, 28]) MNIST-sized images, '
         f'got shape {tuple(images.shape)}. Reshape or resize them first.')
   if images.dtype == np.uint8:
-    return images.astype(xp.float32) / 127.5 - 1.0
+    return images.astype(xp.float32) / 127.5 - 1.0, False
   if not xp.issubdtype(images.dtype, xp.floating):
     raise JaxganError(
         f'{name} must be uint8 in [0, 255] or float in [-1, 1], got dtype '
         f'{images.dtype}.')
-  images = images.astype(xp.float32)
-  if images.size:
-    low, high = float(images.min()), float(images.max())
-    if not (np.isfinite(low) and np.isfinite(high)):
-      raise JaxganError(f'{name} contain NaN or infinite values.')
-    if low < -1.0 - 1e-3 or high > 1.0 + 1e-3:
-      raise JaxganError(
-          f'{name} range over [{low:.3g}, {high:.3g}]; float images must be '
-          'in [-1, 1] (the generator\'s tanh range). Map [0, 1] images with '
-          'x * 2 - 1, or pass uint8 [0, 255].')
-  return images
+  return images.astype(xp.float32), True
+
+
+def _check_range(name: str, low: float, high: float) -> None:
+  """Raises unless [low, high] is finite and within [-1, 1] (to 1e-3)."""
+  if not (np.isfinite(low) and np.isfinite(high)):
+    raise JaxganError(f'{name} contain NaN or infinite values.')
+  if low < -1.0 - 1e-3 or high > 1.0 + 1e-3:
+    raise JaxganError(
+        f'{name} range over [{low:.3g}, {high:.3g}]; float images must be '
+        'in [-1, 1] (the generator\'s tanh range). Map [0, 1] images with '
+        'x * 2 - 1, or pass uint8 [0, 255].')
+
+
+class Pending(Generic[_T]):
+  """A result whose device work is queued; `result()` waits and finishes it.
+
+  Made by `start_evaluation` and `start_conditional_accuracy`. The device
+  arrays it reads are its own, so the caller may go on to donate or replace
+  the states the work was queued from.
+  """
+
+  def __init__(self, finish: Callable[[], _T]):
+    self._finish = finish
+    self._result = None
+    self._done = False
+
+  def result(self) -> _T:
+    """The result; waits for the queued device work the first time."""
+    if not self._done:
+      self._result, self._finish = self._finish(), None
+      self._done = True
+    return self._result
 
 
 class _SetAccumulator:
-  """Everything the metrics need from one image set, fed batch by batch."""
+  """Everything the metrics need from one image set, fed batch by batch.
+
+  `add` queues a batch's device work and returns; the results wait on the
+  device and are fetched together (`_MAX_PENDING_BATCHES`, and `finish`), in
+  the order the batches came, so the sums are the same as batch by batch.
+  """
 
   def __init__(self, classifier: classifier_lib.Classifier):
     self.classifier = classifier
+    self.max_pending = _MAX_PENDING_BATCHES
     self.moments = _MomentAccumulator()
     self.classes = _ClassAccumulator()
+    self._pending = []
 
-  def add(self, images) -> None:
-    (features, *sums) = _batch_statistics(
-        self.classifier.module, self.classifier.params, images)
-    features, *sums = jax.device_get((features, *sums))
-    self.moments.add(features)
-    self.classes.add(*sums, count=len(features))
+  def add(self, images, name: str, check_range: bool) -> None:
+    """Queues `images` (float32 `[N, 28, 28, 1]`); `check_range`: whether
+    their range still has to be checked (when the batch is fetched)."""
+    outputs = _batch_statistics(self.classifier.module,
+                                self.classifier.params, images)
+    self._pending.append((name if check_range else None, outputs))
+    if len(self._pending) > self.max_pending:
+      self._fetch(len(self._pending) - 1)
+
+  def finish(self) -> '_SetAccumulator':
+    """Fetches every queued batch."""
+    self._fetch(len(self._pending))
+    return self
+
+  def _fetch(self, num_batches: int) -> None:
+    batches, self._pending = (self._pending[:num_batches],
+                              self._pending[num_batches:])
+    for name, ((low, high), (features, *sums)) in jax.device_get(batches):
+      if name is not None and len(features):
+        _check_range(name, float(low), float(high))
+      self.moments.add(features)
+      self.classes.add(*sums, count=len(features))
 
 
 def _batches(source, num_samples, key, batch_size):
-  """Yields float [-1, 1] batches from an array or a sampler."""
+  """Yields `(images, name, check_range)`: float32 [-1, 1] batches from an
+  array or a sampler, each with its name for errors and whether its range
+  is still to be checked (device arrays: when fetched, not here)."""
   if callable(source):
     if key is None or num_samples is None:
       raise JaxganError('Evaluating a sampler needs num_samples and key.')
     for start in range(0, num_samples, batch_size):
       size = min(batch_size, num_samples - start)
       batch = source(jax.random.fold_in(key, start // batch_size), size)
-      batch = as_classifier_input(batch, 'sampled images')
-      if batch.shape[0] != size:
-        raise JaxganError(f'The sampler returned {batch.shape[0]} images '
-                          f'when asked for {size}.')
-      yield batch
+      yield _checked(batch, 'sampled images', expected=size)
   else:
     images = source
     if num_samples is not None:
       images = images[:num_samples]
     for start in range(0, len(images), batch_size):
-      yield as_classifier_input(images[start:start + batch_size])
+      yield _checked(images[start:start + batch_size], 'images')
 
 
-def _accumulate(source, num_samples, key, batch_size, classifier):
+def _checked(images, name: str, expected: int | None = None):
+  """`(images, name, check_range)` for `_SetAccumulator.add`; host images
+  are range-checked at once, device images once they are fetched."""
+  images, check_range = _classifier_input(images, name)
+  if expected is not None and images.shape[0] != expected:
+    raise JaxganError(f'The sampler returned {images.shape[0]} images '
+                      f'when asked for {expected}.')
+  if check_range and not isinstance(images, jax.Array):
+    if images.size:
+      _check_range(name, float(images.min()), float(images.max()))
+    check_range = False
+  return images, name, check_range
+
+
+def _queue(source, num_samples, key, batch_size, classifier
+           ) -> _SetAccumulator:
+  """A `_SetAccumulator` with every batch of `source` queued."""
   classifier = classifier or classifier_lib.load_classifier()
   accumulator = _SetAccumulator(classifier)
-  for batch in _batches(source, num_samples, key, batch_size):
-    accumulator.add(batch)
+  for images, name, check_range in _batches(source, num_samples, key,
+                                            batch_size):
+    accumulator.add(images, name, check_range)
+  return accumulator
+
+
+def _finished(accumulator: _SetAccumulator) -> _SetAccumulator:
+  accumulator.finish()
   if accumulator.moments.count < 2:
     raise JaxganError(f'Need at least 2 images to evaluate, got '
                       f'{accumulator.moments.count}.')
@@ -380,8 +467,8 @@ def image_statistics(images: Any, *, batch_size: int = 500,
   Returns:
     The set's feature mean and covariance.
   """
-  return _accumulate(images, None, None, batch_size,
-                     classifier).moments.result()
+  return _finished(_queue(images, None, None, batch_size,
+                         classifier)).moments.result()
 
 
 def evaluate(source: Any, reference: FeatureStatistics, *,
@@ -410,12 +497,48 @@ def evaluate(source: Any, reference: FeatureStatistics, *,
   Raises:
     JaxganError: invalid images, or a sampler without `num_samples`/`key`.
   """
-  accumulator = _accumulate(source, num_samples, key, batch_size, classifier)
-  coverage = accumulator.classes.coverage(min_share)
-  return EvalResult(
-      fcd=frechet_distance(accumulator.moments.result(), reference),
-      classifier_score=accumulator.classes.score(),
-      num_images=accumulator.moments.count, **coverage)
+  return start_evaluation(
+      source, reference, num_samples=num_samples, key=key,
+      batch_size=batch_size, min_share=min_share,
+      classifier=classifier).result()
+
+
+def start_evaluation(source: Any, reference: FeatureStatistics, *,
+                     num_samples: int | None = None,
+                     key: jax.Array | None = None, batch_size: int = 500,
+                     min_share: float = DEFAULT_MIN_SHARE,
+                     classifier: classifier_lib.Classifier | None = None
+                     ) -> Pending[EvalResult]:
+  """`evaluate`, returning as soon as its device work is queued.
+
+  Work queued on the device after this call (the next training steps) runs
+  behind the evaluation's, and `result()` collects the metrics while it
+  runs. An evaluation of more than `_MAX_PENDING_BATCHES` batches fetches
+  the older ones before it returns, to bound the device memory it holds.
+
+  Args:
+    source, reference, num_samples, key, batch_size, min_share, classifier:
+      as for `evaluate`.
+
+  Returns:
+    A `Pending` whose `result()` is `evaluate`'s `EvalResult`.
+
+  Raises:
+    JaxganError: here for a wrong shape or dtype, or a sampler without
+      `num_samples`/`key`; from `result()` for values outside [-1, 1], NaN
+      or fewer than 2 images.
+  """
+  accumulator = _queue(source, num_samples, key, batch_size, classifier)
+
+  def finish() -> EvalResult:
+    _finished(accumulator)
+    coverage = accumulator.classes.coverage(min_share)
+    return EvalResult(
+        fcd=frechet_distance(accumulator.moments.result(), reference),
+        classifier_score=accumulator.classes.score(),
+        num_images=accumulator.moments.count, **coverage)
+
+  return Pending(finish)
 
 
 def mnist_reference_statistics(split: str = 'test', *,
@@ -470,7 +593,9 @@ def mnist_reference_statistics(split: str = 'test', *,
 
 @functools.partial(jax.jit, static_argnums=0)
 def _predictions(module, params, images):
-  return jnp.argmax(module.apply({'params': params}, images)[1], -1)
+  """The images' range and the predicted digits `[N]`, on the device."""
+  return ((images.min(), images.max()),
+          jnp.argmax(module.apply({'params': params}, images)[1], -1))
 
 
 def conditional_accuracy(generate_fn: Callable[[jax.Array, jax.Array], Any],
@@ -495,19 +620,52 @@ def conditional_accuracy(generate_fn: Callable[[jax.Array, jax.Array], Any],
   Returns:
     `{'accuracy': mean over classes, 'per_class_accuracy': [num_classes]}`.
   """
+  return start_conditional_accuracy(
+      generate_fn, num_per_class, key, num_classes=num_classes,
+      batch_size=batch_size, classifier=classifier).result()
+
+
+def start_conditional_accuracy(
+    generate_fn: Callable[[jax.Array, jax.Array], Any], num_per_class: int,
+    key: jax.Array, num_classes: int = NUM_CLASSES, batch_size: int = 500,
+    classifier: classifier_lib.Classifier | None = None
+) -> Pending[dict[str, Any]]:
+  """`conditional_accuracy`, returning once its device work is queued.
+
+  Args:
+    generate_fn, num_per_class, key, num_classes, batch_size, classifier: as
+      for `conditional_accuracy`.
+
+  Returns:
+    A `Pending` whose `result()` is `conditional_accuracy`'s dict.
+
+  Raises:
+    JaxganError: here for a bad `num_per_class` or image shape or dtype;
+      from `result()` for values outside [-1, 1] or NaN.
+  """
   if num_per_class < 1:
     raise JaxganError(f'num_per_class must be positive, got {num_per_class}.')
   classifier = classifier or classifier_lib.load_classifier()
   requested = np.repeat(np.arange(num_classes, dtype=np.int32), num_per_class)
-  correct = np.zeros(num_classes)
+  batches = []
   for i, start in enumerate(range(0, len(requested), batch_size)):
     labels = requested[start:start + batch_size]
-    images = as_classifier_input(
+    images, name, check_range = _checked(
         generate_fn(jax.random.fold_in(key, i), jnp.asarray(labels)),
         'generated images')
-    predicted = np.asarray(_predictions(classifier.module, classifier.params,
-                                        images))
-    np.add.at(correct, labels, predicted == labels)
-  per_class = correct / num_per_class
-  return {'accuracy': float(per_class.mean()),
-          'per_class_accuracy': per_class.tolist()}
+    ranges, predicted = _predictions(classifier.module, classifier.params,
+                                     images)
+    batches.append((labels, name if check_range else None, ranges,
+                    predicted))
+
+  def finish() -> dict[str, Any]:
+    correct = np.zeros(num_classes)
+    for labels, name, (low, high), predicted in jax.device_get(batches):
+      if name is not None:
+        _check_range(name, float(low), float(high))
+      np.add.at(correct, labels, predicted == labels)
+    per_class = correct / num_per_class
+    return {'accuracy': float(per_class.mean()),
+            'per_class_accuracy': per_class.tolist()}
+
+  return Pending(finish)

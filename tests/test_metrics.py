@@ -299,6 +299,102 @@ def test_evaluate_a_sampler_in_batches_equals_the_array(mnist_data_dir):
   json.dumps(streamed.to_dict())
 
 
+def _count_waits(monkeypatch):
+  """Records each fetch of device results and each range check (which reads
+  a device batch's minimum and maximum): the points where the host waits."""
+  calls = []
+
+  def counted(name, function):
+    def wrapper(*args):
+      calls.append(name)
+      return function(*args)
+    return wrapper
+
+  monkeypatch.setattr(jax, 'device_get', counted('fetch', jax.device_get))
+  monkeypatch.setattr(metrics, '_check_range',
+                      counted('range', metrics._check_range))
+  return calls
+
+
+def test_started_evaluation_queues_every_batch_and_fetches_once(
+    mnist_data_dir, monkeypatch):
+  reference = metrics.mnist_reference_statistics(data_dir=mnist_data_dir)
+  state_g, _ = jaxgan.DCGANConfig().create_train_states(jax.random.key(0))
+  key = jax.random.key(3)
+
+  def sampler(batch_key, n):
+    return jaxgan.sample(state_g, batch_key, n)
+
+  expected = metrics.evaluate(sampler, reference, num_samples=500, key=key,
+                              batch_size=100)
+  waits = _count_waits(monkeypatch)
+  # On an accelerator the guard also catches any other wait for a batch.
+  with jax.transfer_guard_device_to_host('disallow'):
+    pending = metrics.start_evaluation(sampler, reference, num_samples=500,
+                                       key=key, batch_size=100)
+  assert not waits
+  result = pending.result()
+  assert waits == ['fetch'] + ['range'] * 5
+  assert result == expected  # The same sums, in the same order.
+  assert pending.result() is result and len(waits) == 6
+
+  # A long evaluation fetches all but its newest batch whenever more than
+  # the limit wait, and still adds up to the same numbers.
+  monkeypatch.setattr(metrics, '_MAX_PENDING_BATCHES', 2)
+  waits.clear()
+  pending = metrics.start_evaluation(sampler, reference, num_samples=500,
+                                     key=key, batch_size=100)
+  assert waits.count('fetch') == 2 and waits.count('range') == 4
+  assert pending.result() == expected
+  assert waits.count('fetch') == 3 and waits.count('range') == 5
+
+
+@pytest.mark.parametrize('scale, offset, message', [
+    (3.0, 0.0, 'range over \\[-3, 3\\]; float images must be in \\[-1, 1\\]'),
+    (1.0, np.nan, 'sampled images contain NaN'),
+])
+def test_started_evaluation_checks_the_range_when_fetched(
+    scale, offset, message):
+  reference = metrics.feature_statistics(np.random.default_rng(0).normal(
+      size=(10, 128)))
+
+  def sampler(batch_key, n):
+    images = jax.random.uniform(batch_key, (n, 28, 28, 1), minval=-1.0)
+    return (images.at[:, 0, 0, 0].set(1.0).at[:, 0, 1, 0].set(-1.0) * scale
+            + offset)
+
+  with jax.transfer_guard_device_to_host('disallow'):
+    pending = metrics.start_evaluation(sampler, reference, num_samples=20,
+                                       key=jax.random.key(0), batch_size=10)
+  with pytest.raises(jaxgan.JaxganError, match=message):
+    pending.result()
+  with pytest.raises(jaxgan.JaxganError, match=message):
+    metrics.evaluate(sampler, reference, num_samples=20,
+                     key=jax.random.key(0), batch_size=10)
+
+
+def test_started_conditional_accuracy_fetches_once(monkeypatch):
+  state_g, _ = jaxgan.DCGANConfig(conditional=True).create_train_states(
+      jax.random.key(0))
+
+  def generate(key, labels):
+    return jaxgan.sample(state_g, key, len(labels), labels)
+
+  expected = metrics.conditional_accuracy(generate, 30, jax.random.key(1),
+                                          batch_size=100)
+  waits = _count_waits(monkeypatch)
+  with jax.transfer_guard_device_to_host('disallow'):
+    pending = metrics.start_conditional_accuracy(
+        generate, 30, jax.random.key(1), batch_size=100)
+  assert not waits
+  assert pending.result() == expected
+  assert waits == ['fetch'] + ['range'] * 3
+  assert len(expected['per_class_accuracy']) == 10
+  with pytest.raises(jaxgan.JaxganError, match='contain NaN'):
+    metrics.conditional_accuracy(lambda key, labels: generate(key, labels)
+                                 * np.nan, 3, jax.random.key(1))
+
+
 # Making the classifier. -------------------------------------------------------
 
 
