@@ -727,29 +727,40 @@ def _evaluate(source, reference) -> metrics_lib.EvalResult:
   return metrics_lib.evaluate(source, reference, batch_size=_EVAL_BATCH)
 
 
-def _evaluate_seeds(host_g, reference, eval_key: jax.Array,
-                    num: int) -> dict:
+def _start_eval_seeds(host_g, reference, eval_key: jax.Array,
+                      num: int) -> metrics_lib.Pending[dict]:
   """FCD, score and coverage of every seed's generator, as one summary.
 
-  With one seed, the summary is `EvalResult.to_dict()`. With several, each
-  number is the mean over seeds, with `<name>_std` (sample standard
-  deviation) beside it and every seed's own result under `per_seed`, as
-  Lucic et al. (2018) report GAN results. Seed i uses its own eval key, so
-  its numbers are those of a run of that seed alone.
+  Returns once the evaluation's device work is queued; its `result()` is
+  the summary. With one seed, the summary is `EvalResult.to_dict()`. With
+  several, each number is the mean over seeds, with `<name>_std` (sample
+  standard deviation) beside it and every seed's own result under
+  `per_seed`, as Lucic et al. (2018) report GAN results. Seed i uses its own
+  eval key, so its numbers are those of a run of that seed alone.
   """
-  generators = _seed_states(host_g)
+  # Copied to the device once, not with each batch's call.
+  generators = [jax.device_put(g) for g in _seed_states(host_g)]
   keys = [eval_key] if len(generators) == 1 else list(eval_key)
-  results = [metrics_lib.evaluate(
+  evaluations = [metrics_lib.start_evaluation(
       lambda key, n, g=g: jaxgan.sample(g, key, n), reference,
-      num_samples=num, key=key, batch_size=_EVAL_BATCH).to_dict()
-             for g, key in zip(generators, keys)]
-  if generators[0].num_classes:
-    for result, g, key in zip(results, generators, keys):
-      result.update(_conditional_accuracy(g, key, num))
+      num_samples=num, key=key, batch_size=_EVAL_BATCH)
+                 for g, key in zip(generators, keys)]
+  accuracies = [_start_conditional_accuracy(g, key, num)
+                for g, key in zip(generators, keys)
+                if generators[0].num_classes]
+  return metrics_lib.Pending(functools.partial(
+      _eval_summary, evaluations, accuracies))
+
+
+def _eval_summary(evaluations: list, accuracies: list) -> dict:
+  """`_start_eval_seeds`'s summary, from its pending results."""
+  results = [evaluation.result().to_dict() for evaluation in evaluations]
+  for result, accuracy in zip(results, accuracies):
+    result.update(accuracy.result())
   if len(results) == 1:
     return results[0]
   summary = {'num_seeds': len(results)}
-  conditional = ('conditional_accuracy',) if generators[0].num_classes else ()
+  conditional = ('conditional_accuracy',) if accuracies else ()
   for name in (*_EVAL_FIELDS, *conditional, 'num_images'):
     values = [r[name] for r in results]
     summary[name] = float(np.mean(values))
@@ -760,14 +771,21 @@ def _evaluate_seeds(host_g, reference, eval_key: jax.Array,
   return summary
 
 
-def _conditional_accuracy(state_g, key: jax.Array, num: int) -> dict:
-  """The classifier's accuracy on `num` conditional samples, per digit."""
-  result = metrics_lib.conditional_accuracy(
+def _start_conditional_accuracy(state_g, key: jax.Array, num: int
+                                ) -> metrics_lib.Pending[dict]:
+  """The classifier's accuracy on `num` conditional samples, per digit:
+  `conditional_accuracy` and `per_class_accuracy`, once queued."""
+  pending = metrics_lib.start_conditional_accuracy(
       lambda k, labels: jaxgan.sample(state_g, k, len(labels), labels),
       max(1, num // state_g.num_classes), _stream(key, _CONDITIONAL),
       num_classes=state_g.num_classes, batch_size=_EVAL_BATCH)
-  return {'conditional_accuracy': result['accuracy'],
-          'per_class_accuracy': result['per_class_accuracy']}
+
+  def renamed() -> dict:
+    result = pending.result()
+    return {'conditional_accuracy': result['accuracy'],
+            'per_class_accuracy': result['per_class_accuracy']}
+
+  return metrics_lib.Pending(renamed)
 
 
 def _merge_seeds(metrics: dict) -> dict:
@@ -807,10 +825,11 @@ class _Phase:
   """The epochs of the train or discriminator phase, with their states.
 
   Runs each epoch in chunks (`_run_epoch`), with mid-epoch checkpoints, stops
-  on SIGINT/SIGTERM, and the divergence policy; the phase function does the
-  end-of-epoch work (evaluation, logs, checkpoint) between epochs. What of it
-  needs no device state can wait for the next epoch's first call
-  (`after_next_dispatch`), so the device does not idle through it.
+  on SIGINT/SIGTERM, and the divergence policy. Between epochs the phase
+  function copies the states to the host and queues the evaluation's device
+  work; collecting the evaluation and the writes (logs, checkpoint) wait for
+  the next epoch's first call (`after_next_dispatch`), so the device does
+  not idle through them.
 
   Attributes:
     state_g, state_d, run_key, meta: the current states and checkpoint data.
@@ -891,12 +910,12 @@ class _Phase:
 
 
 def _finish_epoch(run: Run, record: dict, host_states, run_key, meta: dict,
-                  best: bool, line: str) -> None:
+                  best: bool, line: str, plot: bool = True) -> None:
   """The end-of-epoch writes: epoch record, checkpoint, plot, summary line."""
   # Logged before the checkpoint: a resume trims what it does not cover.
   run.logger.log_epoch(record)
   run.save(*host_states, run_key, meta, best=best)
-  if run.main:
+  if plot and run.main:
     run.plot_losses()
   tqdm.write(line)
 
@@ -943,22 +962,15 @@ def train_phase(run: Run) -> None:
   phase = _Phase(run, config, 'train', _TRAIN, spe, (state_g, state_d),
                  run_key, meta, step, dispatch)
   del state_g, state_d, meta  # From here on they live in `phase`.
-  start_time = time.time()
-  for done, record in phase.epochs(FLAGS.num_epochs, chunk, 'epoch'):
-    # One host copy serves the grid, the evaluation and the checkpoint,
-    # which is written after the next epoch's call consumes the states.
-    host_states = parallel.to_host((phase.state_g, phase.state_d))
-    if done % FLAGS.sample_every_epochs == 0 or done == FLAGS.num_epochs:
-      _save_grid(run, host_states[0], noise, f'epoch_{done:03d}.png',
-                 done * spe)
+  def finish_epoch(done: int, record: dict, host_states, run_key, meta: dict,
+                   evaluation, eval_seconds: float) -> None:
+    """Collects the epoch's evaluation, keeps the best, writes the rest."""
+    nonlocal last_eval
     is_best = False
     eval_note = ''
-    if _eval_due(done):
-      eval_start = time.time()
-      # Every process evaluates the same host copy, so all of them take the
-      # same best-checkpoint decision (orbax saves collectively).
-      last_eval = _evaluate_seeds(host_states[0], reference, eval_key,
-                                  FLAGS.eval_samples)
+    if evaluation is not None:
+      collect_start = time.time()
+      last_eval = evaluation.result()
       record.update({name: value for name, value in last_eval.items()
                      if name in _EVAL_FIELDS or name.endswith('_std')
                      or name in ('conditional_accuracy',
@@ -967,17 +979,18 @@ def train_phase(run: Run) -> None:
       record['eval_samples'] = last_eval['num_images']
       if 'per_seed' in last_eval:
         record['fcd_per_seed'] = [r['fcd'] for r in last_eval['per_seed']]
-      record['eval_seconds'] = time.time() - eval_start
-      meta = phase.meta
+      record['eval_seconds'] = eval_seconds + time.time() - collect_start
       fcd = last_eval['fcd']
       is_best = meta.get('best_fcd') is None or fcd < meta['best_fcd']
+      # Named like the checkpoint folder: D's update count.
+      d_updates = _count(host_states[1].step)
       if is_best:
-        # Named like the checkpoint folder: D's update count.
-        meta.update(best_fcd=fcd, best_epoch=done,
-                    best_step=_count(phase.state_d.step))
+        best = {'best_fcd': fcd, 'best_epoch': done, 'best_step': d_updates}
+        # The epoch's checkpoint carries it, and so do later ones.
+        meta.update(best)
+        phase.meta.update(best)
       if run.main:
-        _write_eval_summary(run, meta, done, _count(phase.state_d.step),
-                            last_eval)
+        _write_eval_summary(run, meta, done, d_updates, last_eval)
       spread = (f' ± {last_eval["fcd_std"]:.3f} over {last_eval["num_seeds"]}'
                 f' seeds' if 'fcd_std' in last_eval else '')
       eval_note = (f'  FCD {fcd:.3f}{spread}{" (best)" if is_best else ""}'
@@ -990,10 +1003,29 @@ def train_phase(run: Run) -> None:
             f'{record["g_loss"]:.4f}  D(x) {record["d_real"]:.3f}  '
             f'D(G(z)) {record["d_fake"]:.3f}  '
             f'{record["steps_per_sec"]:.1f} steps/s{eval_note}')
-    # The device computes the next epoch while the host writes these.
+    _finish_epoch(run, record, host_states, run_key, meta, is_best, line)
+
+  start_time = time.time()
+  for done, record in phase.epochs(FLAGS.num_epochs, chunk, 'epoch'):
+    # One host copy serves the grid, the evaluation and the checkpoint,
+    # which is written after the next epoch's call consumes the states.
+    host_states = parallel.to_host((phase.state_g, phase.state_d))
+    if done % FLAGS.sample_every_epochs == 0 or done == FLAGS.num_epochs:
+      _save_grid(run, host_states[0], noise, f'epoch_{done:03d}.png',
+                 done * spe)
+    evaluation, eval_seconds = None, 0.0
+    if _eval_due(done):
+      eval_start = time.time()
+      # Every process evaluates the same host copy, so all of them take the
+      # same best-checkpoint decision (orbax saves collectively).
+      evaluation = _start_eval_seeds(host_states[0], reference, eval_key,
+                                     FLAGS.eval_samples)
+      eval_seconds = time.time() - eval_start
+    # The device evaluates, then computes the next epoch, while the host
+    # collects the evaluation and writes.
     phase.after_next_dispatch(functools.partial(
-        _finish_epoch, run, record, host_states, phase.run_key,
-        copy.deepcopy(phase.meta), is_best, line))
+        finish_epoch, done, record, host_states, phase.run_key,
+        copy.deepcopy(phase.meta), evaluation, eval_seconds))
   run.checkpointer.wait_until_finished()
   run.best.wait_until_finished()
   run.finish_plot()
@@ -1044,11 +1076,13 @@ def discriminator_phase(run: Run) -> None:
   del state_g, state_d, meta  # From here on they live in `phase`.
   record = None
   for done, record in phase.epochs(FLAGS.num_epochs, chunk, 'D epoch'):
-    run.logger.log_epoch(record)
-    run.save(phase.state_g, phase.state_d, phase.run_key, phase.meta)
-    tqdm.write(f'D epoch {done:3d}: d_loss {record["d_loss"]:.4f}  '
-               f'D(x) {record["d_real"]:.3f}  D(G(z)) '
-               f'{record["d_fake"]:.3f}')
+    line = (f'D epoch {done:3d}: d_loss {record["d_loss"]:.4f}  '
+            f'D(x) {record["d_real"]:.3f}  D(G(z)) {record["d_fake"]:.3f}')
+    # Written from host copies while the device runs the next epoch.
+    phase.after_next_dispatch(functools.partial(
+        _finish_epoch, run, record,
+        parallel.to_host((phase.state_g, phase.state_d)), phase.run_key,
+        copy.deepcopy(phase.meta), False, line, plot=False))
   run.checkpointer.wait_until_finished()
   print(f'Done: the discriminator trained {FLAGS.num_epochs} epochs alone; '
         f'final d_loss {record["d_loss"]:.4f}, D(x) {record["d_real"]:.3f}, '
@@ -1130,10 +1164,11 @@ def test_phase(run: Run) -> None:
     labels.update(real_train=train_labels[:num].astype(np.int32),
                   real_test=test_labels[:num].astype(np.int32))
     summary['conditional_accuracy'] = {
-        'generated': _conditional_accuracy(generators[0], key, num)}
+        'generated': _start_conditional_accuracy(generators[0], key,
+                                                 num).result()}
     if best_step is not None:
       summary['conditional_accuracy']['best_generated'] = (
-          _conditional_accuracy(best_generators[0], key, num))
+          _start_conditional_accuracy(best_generators[0], key, num).result())
   for name, images in sets.items():
     start = time.time()
     probabilities = np.asarray(jaxgan.discriminate(

@@ -345,9 +345,10 @@ def _check_range(name: str, low: float, high: float) -> None:
 class Pending(Generic[_T]):
   """A result whose device work is queued; `result()` waits and finishes it.
 
-  Made by `start_evaluation` and `start_conditional_accuracy`. The device
-  arrays it reads are its own, so the caller may go on to donate or replace
-  the states the work was queued from.
+  Made by `start_evaluation` and `start_conditional_accuracy`. It holds
+  only the outputs of the queued work, so the caller may go on to queue
+  calls that donate or replace the states that work read: JAX runs them
+  after it.
   """
 
   def __init__(self, finish: Callable[[], _T]):

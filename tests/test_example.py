@@ -318,35 +318,52 @@ def test_readme_library_example_runs(tmp_path, mnist_data_dir):
 @pytest.mark.slow
 def test_epoch_writes_wait_for_the_next_epochs_first_call(tmp_path,
                                                           mnist_data_dir):
-  """An epoch's checkpoint is written once the next epoch's first call is
-  queued (from host copies), so the device does not idle through it; the
-  last epoch's is written before the run reports it done."""
+  """An epoch's evaluation is queued before the next epoch's first call and
+  collected after it; its checkpoint is written then too (from host
+  copies), so the device does not idle through either. The last epoch's are
+  done before the run reports it done. The discriminator phase defers its
+  checkpoints the same way."""
   prelude = '''
 import atexit
-from jaxgan import checkpoint, parallel
+from jaxgan import checkpoint, metrics, parallel
 events = []
-save = checkpoint.Checkpointer.save
-def logged_save(self, step, *args, **kwargs):
-  events.append(f'save {step}')
-  return save(self, step, *args, **kwargs)
-checkpoint.Checkpointer.save = logged_save
-make_loop = parallel.train_loop
-def logged_make_loop(mesh):
-  loop = make_loop(mesh)
-  def call(*args, **kwargs):
-    events.append('call')
-    return loop(*args, **kwargs)
-  return call
-parallel.train_loop = logged_make_loop
+def logged(name, function):
+  def wrapper(*args, **kwargs):
+    events.append(name(args) if callable(name) else name)
+    return function(*args, **kwargs)
+  return wrapper
+checkpoint.Checkpointer.save = logged(lambda args: f'save {args[1]}',
+                                      checkpoint.Checkpointer.save)
+metrics.start_evaluation = logged('eval queued', metrics.start_evaluation)
+metrics.Pending.result = logged('eval collected', metrics.Pending.result)
+for name in ('train_loop', 'discriminator_loop'):
+  make = getattr(parallel, name)
+  setattr(parallel, name,
+          lambda mesh, make=make: logged('call', make(mesh)))
 atexit.register(lambda: print('EVENTS', ','.join(events)))
 '''
-  result = _run(*_short_run(tmp_path / 'run', mnist_data_dir),
-                '--num_epochs=2', '--eval_every_epochs=0',
+  workdir = tmp_path / 'run'
+
+  def events(result):
+    return result.stdout.split('EVENTS ')[1].splitlines()[0].split(',')
+
+  result = _run(*_short_run(workdir, mnist_data_dir), '--num_epochs=2',
                 '--steps_per_call=1', prelude=prelude)
-  events = result.stdout.split('EVENTS ')[1].splitlines()[0].split(',')
-  # Two steps per epoch, one per call: epoch 1's checkpoint (D's update 2)
-  # follows epoch 2's first call. The last epoch is evaluated, so its best
-  # checkpoint is saved before its latest one.
-  assert events == ['call', 'call', 'call', 'save 2', 'call', 'save 4',
-                    'save 4']
+  with open(workdir / 'eval_summary.json') as f:
+    best_epoch = json.load(f)['best']['epoch']
+  # Two steps per epoch, one per call. Epoch 1 is the best so far, so its
+  # best checkpoint (D's update 2) is saved before its latest one.
+  # `eval collected` is logged once by `_start_eval_seeds`' own pending
+  # summary and once by the evaluation inside it.
+  collected = ['eval collected'] * 2
+  assert events(result) == (
+      ['call', 'call', 'eval queued', 'call', *collected, 'save 2', 'save 2',
+       'call', 'eval queued', *collected]
+      + ['save 4'] * (2 if best_epoch == 2 else 1))
   assert 'Done: 2 epochs' in result.stdout
+
+  result = _run(*_short_run(workdir, mnist_data_dir), '--num_epochs=2',
+                '--steps_per_call=1', '--phase=discriminator', prelude=prelude)
+  # The D phase's steps count on from the train phase's 4 D updates.
+  assert events(result) == ['call', 'call', 'call', 'save 6', 'call',
+                            'save 8']
