@@ -215,8 +215,9 @@ def _count(counter) -> int:
 
 def _seed_states(tree):
   """The per-seed states of a run (a list of one without seeds)."""
-  steps = np.asarray(tree[0].step if isinstance(tree, tuple) else tree.step)
-  if not steps.ndim:
+  # From the shape alone: reading a device array's value would wait for it.
+  steps = tree[0].step if isinstance(tree, tuple) else tree.step
+  if not np.ndim(steps):
     return [tree]
   return [jaxgan.seed_slice(tree, i) for i in range(len(steps))]
 
@@ -560,7 +561,8 @@ def _concat(parts: list) -> dict:
 
 def _run_epoch(loop, epoch: int, start: int, spe: int, chunk: int,
                description: str, logger: RunLogger, phase: str, partial,
-               checkpoint, stop: _StopRequest, after_first_dispatch) -> dict:
+               checkpoint, stop: _StopRequest, after_first_dispatch,
+               log_later) -> dict:
   """Runs steps start..spe-1 of an epoch in fused chunks.
 
   Calls are dispatched asynchronously; metrics are fetched once a call has
@@ -583,6 +585,9 @@ def _run_epoch(loop, epoch: int, start: int, spe: int, chunk: int,
     stop: the signal state.
     after_first_dispatch: called once the epoch's first call is queued, so
       host work runs while the device computes.
+    log_later: `log_later(work)` defers `work`, the logging of the steps
+      fetched after the epoch's last call, so that the next epoch's first
+      call does not wait for it.
 
   Returns:
     The whole epoch's per-step metrics (host float32 arrays).
@@ -596,7 +601,12 @@ def _run_epoch(loop, epoch: int, start: int, spe: int, chunk: int,
   bar = tqdm(total=spe, initial=start, desc=description, unit='step',
              disable=not FLAGS.progress, leave=False, dynamic_ncols=True)
 
-  def drain(wait_all: bool):
+  def log(calls):
+    for call_first, metrics in calls:
+      logger.log_steps(phase, call_first, metrics)
+
+  def drain(wait_all: bool, unlogged=None):
+    """Fetches finished calls; logs them, or adds them to `unlogged`."""
     while pending and (wait_all or len(pending) > _MAX_IN_FLIGHT or all(
         leaf.is_ready() for leaf in jax.tree.leaves(pending[0][1]))):
       call_first, metrics = pending.pop(0)
@@ -604,10 +614,14 @@ def _run_epoch(loop, epoch: int, start: int, spe: int, chunk: int,
       finite = metrics.pop('finite')
       if not finite.all():
         bad = int(np.argmin(finite))
+        log(unlogged or [])
         logger.log_steps(phase, call_first,
                          {k: v[:bad] for k, v in metrics.items()})
         raise _Diverged(call_first + bad + 1)
-      logger.log_steps(phase, call_first, metrics)
+      if unlogged is None:
+        logger.log_steps(phase, call_first, metrics)
+      else:
+        unlogged.append((call_first, metrics))
       fetched.append(metrics)
       bar.update(len(finite))
       bar.set_postfix({k: f'{float(v[-1]):.3f}'
@@ -631,7 +645,9 @@ def _run_epoch(loop, epoch: int, start: int, spe: int, chunk: int,
         checkpoint(_concat(fetched))
         if stop.requested:
           raise _Stopped(stop.signum, first_step + done)
-    drain(wait_all=True)
+    unlogged = []
+    drain(wait_all=True, unlogged=unlogged)
+    log_later(functools.partial(log, unlogged))
   finally:
     bar.close()
   return _concat(fetched)
@@ -677,12 +693,23 @@ def _handle_divergence(run: Run, config: DCGANConfig, diverged: _Diverged,
   return state_g, state_d, run_key, meta, step
 
 
-def _save_grid(run: Run, state_g, noise, name: str, step: int) -> None:
-  """The grid of `noise`'s samples; with seeds, one row of 8 per seed; for a
-  conditional G, a row of 8 per digit (per seed)."""
+def _queue_grid(run: Run, local_g, noise) -> list | None:
+  """Queues the images of the sample grid (`_write_grid` draws them).
+
+  The grid shows `noise`'s samples; with seeds, one row of 8 per seed; for
+  a conditional G, a row of 8 per digit (per seed).
+
+  Args:
+    run: the run (only the main process draws).
+    local_g: G's state on this process's device (`parallel.local_copy`).
+    noise: `[N, noise_dim]`.
+
+  Returns:
+    One device array of images per seed, or None off the main process.
+  """
   if not run.main:
-    return
-  generators = _seed_states(parallel.to_host(state_g))
+    return None
+  generators = _seed_states(local_g)
   labels = None
   if generators[0].num_classes:
     classes = generators[0].num_classes
@@ -690,8 +717,14 @@ def _save_grid(run: Run, state_g, noise, name: str, step: int) -> None:
     labels = jnp.repeat(jnp.arange(classes, dtype=jnp.int32), 8)
   elif len(generators) > 1:
     noise = noise[:8]
-  picture = images_lib.image_grid(np.concatenate([
-      np.asarray(jaxgan.generate(g, noise, labels)) for g in generators]),
+  return [jaxgan.generate(g, noise, labels) for g in generators]
+
+
+def _write_grid(run: Run, images: list | None, name: str, step: int) -> None:
+  """Draws `_queue_grid`'s images to samples/`name` and TensorBoard."""
+  if images is None:
+    return
+  picture = images_lib.image_grid(np.concatenate(jax.device_get(images)),
                                   columns=8)
   images_lib.save_png(picture, os.path.join(run.workdir, 'samples', name),
                       scale=2)
@@ -727,7 +760,7 @@ def _evaluate(source, reference) -> metrics_lib.EvalResult:
   return metrics_lib.evaluate(source, reference, batch_size=_EVAL_BATCH)
 
 
-def _start_eval_seeds(host_g, reference, eval_key: jax.Array,
+def _start_eval_seeds(local_g, reference, eval_key: jax.Array,
                       num: int) -> metrics_lib.Pending[dict]:
   """FCD, score and coverage of every seed's generator, as one summary.
 
@@ -738,8 +771,7 @@ def _start_eval_seeds(host_g, reference, eval_key: jax.Array,
   `per_seed`, as Lucic et al. (2018) report GAN results. Seed i uses its own
   eval key, so its numbers are those of a run of that seed alone.
   """
-  # Copied to the device once, not with each batch's call.
-  generators = [jax.device_put(g) for g in _seed_states(host_g)]
+  generators = _seed_states(local_g)
   keys = [eval_key] if len(generators) == 1 else list(eval_key)
   evaluations = [metrics_lib.start_evaluation(
       lambda key, n, g=g: jaxgan.sample(g, key, n), reference,
@@ -847,18 +879,19 @@ class _Phase:
     self.run_key, self.meta, self.step = run_key, meta, step
     self.loop_key = _loop_key(run_key, stream, meta)
     self._dispatch = dispatch
-    self._deferred = None
+    self._deferred = []
 
   def after_next_dispatch(self, work) -> None:
     """Runs `work()` once the next epoch's first call is queued, or before
-    the phase ends or stops. `work` must not touch the device states (that
-    call consumes them): give it host copies (`parallel.to_host`)."""
-    self._deferred = work
+    the phase ends or stops, after the work deferred before it. `work` must
+    not touch the device states (that call consumes them): give it copies
+    (`parallel.local_copy`, `parallel.to_host`)."""
+    self._deferred.append(work)
 
   def _run_deferred(self) -> None:
-    work, self._deferred = self._deferred, None
-    if work is not None:
-      work()
+    work, self._deferred = self._deferred, []
+    for item in work:
+      item()
 
   def _checkpoint(self, metrics_so_far: dict) -> None:
     self.meta[f'{self.phase}_partial_epoch'] = {
@@ -884,7 +917,8 @@ class _Phase:
               start, spe, chunk, f'{label} {epoch + 1}/{num_epochs}',
               self.run.logger, phase,
               _partial_metrics(self.meta, phase) if start else None,
-              self._checkpoint, stop, self._run_deferred)
+              self._checkpoint, stop, self._run_deferred,
+              self.after_next_dispatch)
         except _Diverged as diverged:
           # The deferred work ran when this epoch's first call was queued.
           (self.state_g, self.state_d, self.run_key, self.meta,
@@ -909,12 +943,15 @@ class _Phase:
       self._run_deferred()
 
 
-def _finish_epoch(run: Run, record: dict, host_states, run_key, meta: dict,
+def _finish_epoch(run: Run, record: dict, states, run_key, meta: dict,
                   best: bool, line: str, plot: bool = True) -> None:
-  """The end-of-epoch writes: epoch record, checkpoint, plot, summary line."""
+  """The end-of-epoch writes: epoch record, checkpoint, plot, summary line.
+
+  `states`: host copies, or device copies that no later call consumes
+  (`parallel.local_copy`)."""
   # Logged before the checkpoint: a resume trims what it does not cover.
   run.logger.log_epoch(record)
-  run.save(*host_states, run_key, meta, best=best)
+  run.save(*states, run_key, meta, best=best)
   if plot and run.main:
     run.plot_losses()
   tqdm.write(line)
@@ -939,7 +976,8 @@ def train_phase(run: Run) -> None:
   reference = _reference_statistics() if FLAGS.eval_samples else None
   last_eval = record = None
   if step == 0:
-    _save_grid(run, state_g, noise, 'epoch_000.png', 0)
+    _write_grid(run, _queue_grid(run, parallel.local_copy(state_g), noise),
+                'epoch_000.png', 0)
   resumed = f', resuming at step {step}' if step % spe else ''
   print(f'Training epochs {step // spe + 1}..{FLAGS.num_epochs} '
         f'({spe} steps of {config.batch_size * config.n_critic} images each, '
@@ -962,10 +1000,13 @@ def train_phase(run: Run) -> None:
   phase = _Phase(run, config, 'train', _TRAIN, spe, (state_g, state_d),
                  run_key, meta, step, dispatch)
   del state_g, state_d, meta  # From here on they live in `phase`.
-  def finish_epoch(done: int, record: dict, host_states, run_key, meta: dict,
-                   evaluation, eval_seconds: float) -> None:
+  def finish_epoch(done: int, record: dict, local_states, grid, run_key,
+                   meta: dict, evaluation, eval_seconds: float) -> None:
     """Collects the epoch's evaluation, keeps the best, writes the rest."""
     nonlocal last_eval
+    host_states = parallel.to_host(local_states)
+    if grid is not None:
+      _write_grid(run, grid, f'epoch_{done:03d}.png', done * spe)
     is_best = False
     eval_note = ''
     if evaluation is not None:
@@ -1007,24 +1048,25 @@ def train_phase(run: Run) -> None:
 
   start_time = time.time()
   for done, record in phase.epochs(FLAGS.num_epochs, chunk, 'epoch'):
-    # One host copy serves the grid, the evaluation and the checkpoint,
-    # which is written after the next epoch's call consumes the states.
-    host_states = parallel.to_host((phase.state_g, phase.state_d))
+    # Only device work is queued here, behind the epoch: a copy of the
+    # states (the next call consumes them), the grid's images and the
+    # evaluation, all made from that copy. The next epoch's first call
+    # follows at once; the host then fetches and writes all of it.
+    local_states = parallel.local_copy((phase.state_g, phase.state_d))
+    grid = None
     if done % FLAGS.sample_every_epochs == 0 or done == FLAGS.num_epochs:
-      _save_grid(run, host_states[0], noise, f'epoch_{done:03d}.png',
-                 done * spe)
+      grid = _queue_grid(run, local_states[0], noise)
     evaluation, eval_seconds = None, 0.0
     if _eval_due(done):
       eval_start = time.time()
-      # Every process evaluates the same host copy, so all of them take the
-      # same best-checkpoint decision (orbax saves collectively).
-      evaluation = _start_eval_seeds(host_states[0], reference, eval_key,
+      # Every process evaluates its own copy of the same states, so all of
+      # them take the same best-checkpoint decision (orbax saves
+      # collectively).
+      evaluation = _start_eval_seeds(local_states[0], reference, eval_key,
                                      FLAGS.eval_samples)
       eval_seconds = time.time() - eval_start
-    # The device evaluates, then computes the next epoch, while the host
-    # collects the evaluation and writes.
     phase.after_next_dispatch(functools.partial(
-        finish_epoch, done, record, host_states, phase.run_key,
+        finish_epoch, done, record, local_states, grid, phase.run_key,
         copy.deepcopy(phase.meta), evaluation, eval_seconds))
   run.checkpointer.wait_until_finished()
   run.best.wait_until_finished()
@@ -1078,10 +1120,11 @@ def discriminator_phase(run: Run) -> None:
   for done, record in phase.epochs(FLAGS.num_epochs, chunk, 'D epoch'):
     line = (f'D epoch {done:3d}: d_loss {record["d_loss"]:.4f}  '
             f'D(x) {record["d_real"]:.3f}  D(G(z)) {record["d_fake"]:.3f}')
-    # Written from host copies while the device runs the next epoch.
+    # Written from a copy of the states while the device runs the next
+    # epoch.
     phase.after_next_dispatch(functools.partial(
         _finish_epoch, run, record,
-        parallel.to_host((phase.state_g, phase.state_d)), phase.run_key,
+        parallel.local_copy((phase.state_g, phase.state_d)), phase.run_key,
         copy.deepcopy(phase.meta), False, line, plot=False))
   run.checkpointer.wait_until_finished()
   print(f'Done: the discriminator trained {FLAGS.num_epochs} epochs alone; '

@@ -28,6 +28,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -284,11 +285,40 @@ def discriminator_loop_seeds(mesh: Mesh):
                        5, (rep, rep), (1,))
 
 
+def _first_local_shard(x: Any) -> Any:
+  return x.addressable_data(0) if isinstance(x, jax.Array) else x
+
+
 def to_host(tree: Any) -> Any:
-  """Host numpy copies of replicated arrays (every process gets its own)."""
-  return jax.tree.map(
-      lambda x: np.asarray(x.addressable_data(0)) if isinstance(
-          x, jax.Array) else np.asarray(x), tree)
+  """Host numpy copies of replicated arrays (every process gets its own).
+
+  The copies of all leaves are started together, then awaited.
+  """
+  return jax.tree.map(np.asarray,
+                      jax.device_get(jax.tree.map(_first_local_shard, tree)))
+
+
+@jax.jit
+def _copy_arrays(tree: Any) -> Any:
+  return jax.tree.map(jnp.copy, tree)
+
+
+def local_copy(tree: Any) -> Any:
+  """Copies of replicated arrays on this process's first device, queued.
+
+  Returns without waiting for the device: the copy runs after the work
+  already queued, and later calls that donate or replace the originals
+  leave it intact. So a loop can queue the next steps at once and read the
+  copy meanwhile (`jax.device_get` makes host copies of it).
+
+  Args:
+    tree: a pytree of replicated `jax.Array`s (other leaves pass through).
+
+  Returns:
+    The same tree, each array a single-device copy on the process's first
+    local device.
+  """
+  return _copy_arrays(jax.tree.map(_first_local_shard, tree))
 
 
 def is_main_process() -> bool:

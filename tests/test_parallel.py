@@ -111,6 +111,27 @@ def test_one_device_mesh_is_the_plain_path(states, real_batch):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_local_copy_outlives_the_call_that_consumes_the_states(
+    states, real_batch):
+  mesh = parallel.make_mesh()
+  want = jax.tree.map(np.array, states)
+  g, d = parallel.replicate(want, mesh)
+  copies = parallel.local_copy((g, d))
+  step = parallel.train_step(mesh)
+  new_g, _, _ = step(g, d, parallel.shard_batch(np.asarray(real_batch), mesh),
+                     jax.random.key(3))
+  # The step donated the states it was given; the copies are separate.
+  assert all(leaf.is_deleted() for leaf in jax.tree.leaves((g, d)))
+  leaves = jax.tree.leaves(copies)
+  assert not any(leaf.is_deleted() for leaf in leaves)
+  assert all(leaf.sharding.device_set == {jax.local_devices()[0]}
+             for leaf in leaves)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(jax.device_get(
+      copies))):
+    np.testing.assert_array_equal(a, b)
+  assert int(new_g.step) == int(want[0].step) + 1
+
+
 def test_sharded_epoch_order_shuffles_each_block_alone():
   order = np.asarray(jaxgan.epoch_permutation(jax.random.key(0), 2, 40, 4))
   assert order.shape == (4, 10)
