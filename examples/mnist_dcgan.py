@@ -150,6 +150,12 @@ flags.DEFINE_integer('num_test_samples', 10_000,
                      'Images the test phase generates and evaluates.',
                      lower_bound=2)
 flags.DEFINE_bool('progress', True, 'Show a progress bar.')
+flags.DEFINE_string('compilation_cache_dir', None,
+                    'Keep compiled programs here (JAX\'s persistent '
+                    'compilation cache), so later runs of the same model '
+                    'load them instead of compiling again. Default: '
+                    '$JAX_COMPILATION_CACHE_DIR, else ~/.cache/jaxgan/xla; '
+                    '"" turns it off.')
 flags.DEFINE_integer('num_processes', None, 'Processes of a multi-host job '
                      '(default: $JAX_NUM_PROCESSES, else 1).', lower_bound=1)
 flags.DEFINE_integer('process_id', None, 'This process\'s index (default: '
@@ -1072,7 +1078,7 @@ def train_phase(run: Run) -> None:
   run.best.wait_until_finished()
   run.finish_plot()
   print(f'Done: {FLAGS.num_epochs} epochs, {FLAGS.num_epochs * spe} steps in '
-        f'{time.time() - start_time:.0f}s; final d_loss {record["d_loss"]:.4f}'
+        f'{time.time() - start_time:.1f}s; final d_loss {record["d_loss"]:.4f}'
         f', g_loss {record["g_loss"]:.4f}, D(x) {record["d_real"]:.3f}, '
         f'D(G(z)) {record["d_fake"]:.3f}. Samples in '
         f'{os.path.join(run.workdir, "samples")}, checkpoint '
@@ -1272,9 +1278,22 @@ def test_phase(run: Run) -> None:
         f'numbers in {os.path.join(out_dir, "summary.json")}')
 
 
+def _use_compilation_cache(path: str | None) -> None:
+  """Points JAX's persistent compilation cache at `path` (see the flag)."""
+  if path is None:
+    path = os.environ.get('JAX_COMPILATION_CACHE_DIR') or os.path.join(
+        os.path.expanduser('~'), '.cache', 'jaxgan', 'xla')
+  jax.config.update('jax_compilation_cache_dir', path or None)
+  if path and 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in os.environ:
+    # Every program: the many small ones (sampling, the classifier, the
+    # states' initialisation) add up to seconds on a GPU.
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  _use_compilation_cache(FLAGS.compilation_cache_dir)
   # tfds and orbax log routine notices as warnings; problems reach the user
   # as JaxganError messages instead.
   logging.set_verbosity(logging.ERROR)

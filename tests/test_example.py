@@ -367,3 +367,33 @@ atexit.register(lambda: print('EVENTS', ','.join(events)))
   # The D phase's steps count on from the train phase's 4 D updates.
   assert events(result) == ['call', 'call', 'call', 'save 6', 'call',
                             'save 8']
+
+
+def test_compiled_programs_are_kept_for_the_next_run(tmp_path,
+                                                    mnist_data_dir):
+  """--compilation_cache_dir: the first run stores every program it
+  compiles; a second run with new states loads all of them."""
+  prelude = '''
+import atexit, collections
+import jax
+counts = collections.Counter()
+jax.monitoring.register_event_listener(lambda name, **kw: counts.update([name]))
+atexit.register(lambda: print('CACHE', counts['/jax/compilation_cache/cache_hits'],
+                              counts['/jax/compilation_cache/cache_misses']))
+'''
+  cache = tmp_path / 'xla'
+
+  def run(name):
+    result = _run(*_short_run(tmp_path / name, mnist_data_dir),
+                  '--num_epochs=1', f'--compilation_cache_dir={cache}',
+                  prelude=prelude)
+    hits, misses = result.stdout.split('CACHE ')[1].split()[:2]
+    return int(hits), int(misses), sorted(os.listdir(cache))
+
+  hits, misses, entries = run('first')
+  assert hits == 0 and misses > 5
+  assert len(entries) >= misses
+  hits, misses, entries_after = run('second')
+  assert misses == 0 and hits > 5
+  assert entries_after == entries
+
