@@ -263,7 +263,7 @@ def test_device_check_runs_every_part_at_toy_sizes(tmp_path, mnist_data_dir):
   with tarfile.open(out / 'device_check.tar.gz') as archive:
     names = set(archive.getnames())
     read = lambda name: json.load(archive.extractfile(f'device_check/{name}'))
-    expected = ['train_step.json', 'full_run.json', 'full_run_final_eval.json',
+    expected = ['train_step.json', 'full_run.json', 'full_run_warm.json',
                 'compare_pytorch.txt', 'divergence_guard.json', 'layers.json',
                 'environment.txt', 'epoch_001.png', 'conv_variants.json',
                 'profile.json', 'timings.txt']
@@ -273,8 +273,10 @@ def test_device_check_runs_every_part_at_toy_sizes(tmp_path, mnist_data_dir):
       assert f'device_check/{name}' in names
     train_step = read('train_step.json')
     assert {r['data'] for r in train_step['results']} == {'synthetic', 'mnist'}
-    for name in ('full_run.json', 'full_run_final_eval.json'):
+    for name, cache in (('full_run.json', 'cold'),
+                        ('full_run_warm.json', 'warm')):
       run = read(name)
+      assert run['compilation_cache'] == cache
       assert run['steps'] == 2 and run['epochs'] == 1
       assert run['wall_seconds'] > 0 and 'fcd' in run['final']
       parts = run['breakdown']
@@ -294,7 +296,7 @@ def test_device_check_runs_every_part_at_toy_sizes(tmp_path, mnist_data_dir):
         'results']] == ['auto', 'xla']
     timings = archive.extractfile('device_check/timings.txt').read().decode()
     assert [line.split()[0] for line in timings.splitlines()] == [
-        'environment', 'train_step', 'full_run', 'full_run_final_eval',
+        'environment', 'train_step', 'full_run', 'full_run_warm',
         'compare_pytorch', 'conv_variants', 'divergence_guard', 'layers',
         'profile']
 
