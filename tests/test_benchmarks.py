@@ -251,6 +251,20 @@ def test_divergence_guard_benchmark_compares_each_guard_with_none(tmp_path):
   assert report['detect_over_unguarded'] > 0
 
 
+def test_epoch_gaps_benchmark_times_every_boundary(tmp_path,
+                                                  mnist_data_dir):
+  out = tmp_path / 'gaps.json'
+  stdout = _run('epoch_gaps.py', f'--json={out}', '--',
+                f'--workdir={tmp_path / "run"}', f'--data_dir={mnist_data_dir}',
+                '--steps_per_epoch=2', '--num_epochs=3', '--eval_samples=500')
+  assert 'host time at each epoch boundary' in stdout
+  report = json.loads(out.read_text())
+  assert len(report['gaps_ms']) == 2  # Three epochs, two boundaries.
+  assert all(gap > 0 for gap in report['gaps_ms'])
+  assert report['first_gap_ms'] == report['gaps_ms'][0]
+  assert report['later_gaps_median_ms'] == report['gaps_ms'][1]
+
+
 @pytest.mark.slow
 def test_device_check_runs_every_part_at_toy_sizes(tmp_path, mnist_data_dir):
   out = tmp_path / 'out'
