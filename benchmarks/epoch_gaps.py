@@ -37,6 +37,8 @@ def _timed_make_loop(mesh):
   def call(*args, **kwargs):
     _marks.append(('call', time.perf_counter()))
     return loop(*args, **kwargs)
+  if hasattr(loop, 'lower'):
+    call.lower = loop.lower
   return call
 parallel.train_loop = _timed_make_loop
 _close = tqdm.tqdm.close

@@ -23,6 +23,7 @@ import functools
 import os
 import signal
 import sys
+import threading
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -637,9 +638,7 @@ def _run_epoch(loop, epoch: int, start: int, spe: int, chunk: int,
   done = start
   try:
     while done < spe:
-      size = min(chunk, spe - done)
-      if every:
-        size = min(size, every - (first_step + done) % every)
+      size = _call_size(first_step, done, spe, chunk)
       pending.append((first_step + done, loop(size, first_step + done)))
       if done == start:
         after_first_dispatch()
@@ -657,6 +656,17 @@ def _run_epoch(loop, epoch: int, start: int, spe: int, chunk: int,
   finally:
     bar.close()
   return _concat(fetched)
+
+
+def _call_size(first_step: int, done: int, spe: int, chunk: int) -> int:
+  """Steps in the call after `done` steps of the epoch starting at
+  `first_step`: a chunk, cut at the epoch's end and at the next
+  --checkpoint_every_steps boundary."""
+  size = min(chunk, spe - done)
+  every = FLAGS.checkpoint_every_steps
+  if every:
+    size = min(size, every - (first_step + done) % every)
+  return size
 
 
 def _loop_key(run_key: jax.Array, stream: int, meta: dict) -> jax.Array:
@@ -949,6 +959,31 @@ class _Phase:
       self._run_deferred()
 
 
+def _in_background(function, *args, **kwargs) -> concurrent.futures.Future:
+  """Runs `function(*args, **kwargs)` in a thread; `.result()` waits for it
+  and raises what it raised. The thread does not hold up the exit of a run
+  that fails meanwhile."""
+  future = concurrent.futures.Future()
+
+  def run():
+    try:
+      future.set_result(function(*args, **kwargs))
+    except BaseException as e:  # pylint: disable=broad-except
+      future.set_exception(e)
+
+  threading.Thread(target=run, daemon=True).start()
+  return future
+
+
+def _compile(loop, *args, **options) -> None:
+  """Compiles `loop`'s program for these arguments, without running it: the
+  call with them that follows finds it ready (`parallel.train_loop`). A
+  loop without `.lower` (a wrapper) compiles at its first call instead."""
+  lower = getattr(loop, 'lower', None)
+  if lower is not None:
+    lower(*args, **options).compile()
+
+
 def _finish_epoch(run: Run, record: dict, states, run_key, meta: dict,
                   best: bool, line: str, plot: bool = True) -> None:
   """The end-of-epoch writes: epoch record, checkpoint, plot, summary line.
@@ -979,33 +1014,49 @@ def train_phase(run: Run) -> None:
   loss = config.gan_loss()
   # Every evaluation uses the same noise, so epochs compare like for like.
   eval_key = _stream(run_key, _EVAL)
-  reference = _reference_statistics() if FLAGS.eval_samples else None
   last_eval = record = None
-  if step == 0:
-    _write_grid(run, _queue_grid(run, parallel.local_copy(state_g), noise),
-                'epoch_000.png', 0)
+  seeds = run_key.ndim > 0
+  train_loop = (parallel.train_loop_seeds if seeds else
+                parallel.train_loop)(run.mesh)
+  loop_options = {'batch_size': config.batch_size, 'steps_per_epoch': spe,
+                  'loss': loss, 'guard': _GUARD}
+
+  def dispatch(phase, size, first_step):
+    del first_step  # train_loop continues at state_g.step.
+    phase.state_g, phase.state_d, metrics = train_loop(
+        phase.state_g, phase.state_d, images, phase.loop_key, num_steps=size,
+        **loop_options)
+    return _merge_seeds(metrics) if seeds else metrics
+
+  phase = _Phase(run, config, 'train', _TRAIN, spe, (state_g, state_d),
+                 run_key, meta, step, dispatch)
   resumed = f', resuming at step {step}' if step % spe else ''
   print(f'Training epochs {step // spe + 1}..{FLAGS.num_epochs} '
         f'({spe} steps of {config.batch_size * config.n_critic} images each, '
         f'{chunk} per call'
         f'{resumed}) on {jax.devices()[0].platform.upper()}; workdir '
         f'{run.workdir}')
+  # Read first: computing them can load MNIST with tfds, whose imports must
+  # not race with the thread's.
+  reference = _reference_statistics() if FLAGS.eval_samples else None
+  # The first call's program compiles while the host draws the first grid
+  # and readies the evaluation's programs, which compile programs of their
+  # own.
+  compiling = _in_background(
+      _compile, train_loop, state_g, state_d, images, phase.loop_key,
+      num_steps=_call_size(step - step % spe, step % spe, spe, chunk),
+      **loop_options)
+  # The same program copies the states at every epoch's end.
+  local_g = parallel.local_copy((state_g, state_d))[0]
+  if step == 0:
+    _write_grid(run, _queue_grid(run, local_g, noise), 'epoch_000.png', 0)
+  if FLAGS.eval_samples:
+    # One batch readies the evaluation's programs; its numbers are unused.
+    _start_eval_seeds(local_g, reference, eval_key,
+                      min(FLAGS.eval_samples, _EVAL_BATCH))
+  compiling.result()
+  del state_g, state_d, meta, local_g  # From here on they live in `phase`.
 
-  seeds = run_key.ndim > 0
-  train_loop = (parallel.train_loop_seeds if seeds else
-                parallel.train_loop)(run.mesh)
-
-  def dispatch(phase, size, first_step):
-    del first_step  # train_loop continues at state_g.step.
-    phase.state_g, phase.state_d, metrics = train_loop(
-        phase.state_g, phase.state_d, images, phase.loop_key, num_steps=size,
-        batch_size=config.batch_size, steps_per_epoch=spe, loss=loss,
-        guard=_GUARD)
-    return _merge_seeds(metrics) if seeds else metrics
-
-  phase = _Phase(run, config, 'train', _TRAIN, spe, (state_g, state_d),
-                 run_key, meta, step, dispatch)
-  del state_g, state_d, meta  # From here on they live in `phase`.
   def finish_epoch(done: int, record: dict, local_states, grid, run_key,
                    meta: dict, evaluation, eval_seconds: float) -> None:
     """Collects the epoch's evaluation, keeps the best, writes the rest."""

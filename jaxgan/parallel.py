@@ -234,12 +234,19 @@ def _compile_loop(function, mesh: Mesh, num_arrays: int, out_shardings,
       in_shardings=in_shardings, out_shardings=out_shardings,
       donate_argnums=donate_argnums, static_argnums=(num_arrays,))
 
-  def call(*arrays, **options):
+  def static_options(options):
     unknown = set(options) - set(_LOOP_OPTIONS)
     if unknown:
       raise TypeError(f'Unexpected arguments: {sorted(unknown)}.')
-    return compiled(*arrays, tuple(sorted(options.items())))
+    return tuple(sorted(options.items()))
 
+  def call(*arrays, **options):
+    return compiled(*arrays, static_options(options))
+
+  def lower(*arrays, **options):
+    return compiled.lower(*arrays, static_options(options))
+
+  call.lower = lower
   return call
 
 
@@ -250,7 +257,11 @@ def train_loop(mesh: Mesh):
   Returns:
     `loop(state_g, state_d, images, key, *, num_steps, batch_size,
     steps_per_epoch=None, loss=NON_SATURATING, unroll=1, guard='freeze')`,
-    with `images` from `shard_dataset`.
+    with `images` from `shard_dataset`. `loop.lower(...)` takes the same
+    arguments (arrays or `jax.ShapeDtypeStruct`s) and lowers the call
+    without running it; its `.compile()` readies the program for the calls
+    that follow, e.g. from a thread while the host does other work. The
+    other loops here have `.lower` too.
   """
   rep = replicated(mesh)
   return _compile_loop(train_lib.train_loop.__wrapped__, mesh, 4,

@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -130,6 +131,38 @@ def test_local_copy_outlives_the_call_that_consumes_the_states(
       copies))):
     np.testing.assert_array_equal(a, b)
   assert int(new_g.step) == int(want[0].step) + 1
+
+
+def test_a_loop_compiled_ahead_in_a_thread_runs_without_compiling(states):
+  mesh = parallel.make_mesh()
+  g, d = parallel.replicate(jax.tree.map(np.array, states), mesh)
+  images = parallel.shard_dataset(
+      np.random.default_rng(0).integers(0, 256, (128, 28, 28, 1), np.uint8),
+      mesh)
+  key = jax.random.key(5)
+  loop = parallel.train_loop(mesh)
+  options = {'num_steps': 2, 'batch_size': 16, 'steps_per_epoch': 8,
+             'guard': 'detect'}
+  with pytest.raises(TypeError, match='num_step'):
+    loop.lower(g, d, images, key, num_step=2)
+  worker = threading.Thread(
+      target=lambda: loop.lower(g, d, images, key, **options).compile())
+  worker.start()
+  worker.join()
+  programs = []
+  watching = [True]
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, duration, **kwargs: programs.append(event)
+      if watching[0] and event.startswith(('/jax/core/compile/backend',
+                                           '/jax/compilation_cache/cache_ret'))
+      else None)
+  try:
+    _, _, metrics = loop(g, d, images, key, **options)
+    jax.block_until_ready(metrics)
+  finally:
+    watching[0] = False
+  assert not programs
+  assert np.all(np.isfinite(np.asarray(metrics['d_loss'])))
 
 
 def test_sharded_epoch_order_shuffles_each_block_alone():
