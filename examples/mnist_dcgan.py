@@ -23,7 +23,6 @@ import functools
 import os
 import signal
 import sys
-import threading
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -874,10 +873,10 @@ class _Phase:
 
   Runs each epoch in chunks (`_run_epoch`), with mid-epoch checkpoints, stops
   on SIGINT/SIGTERM, and the divergence policy. Between epochs the phase
-  function copies the states to the host and queues the evaluation's device
-  work; collecting the evaluation and the writes (logs, checkpoint) wait for
-  the next epoch's first call (`after_next_dispatch`), so the device does
-  not idle through them.
+  function only queues device work (a copy of the states, the grid's images,
+  the evaluation); fetching them, collecting the evaluation and the writes
+  (logs, checkpoint) wait for the next epoch's first call
+  (`after_next_dispatch`), so the device does not idle through them.
 
   Attributes:
     state_g, state_d, run_key, meta: the current states and checkpoint data.
@@ -959,22 +958,6 @@ class _Phase:
       self._run_deferred()
 
 
-def _in_background(function, *args, **kwargs) -> concurrent.futures.Future:
-  """Runs `function(*args, **kwargs)` in a thread; `.result()` waits for it
-  and raises what it raised. The thread does not hold up the exit of a run
-  that fails meanwhile."""
-  future = concurrent.futures.Future()
-
-  def run():
-    try:
-      future.set_result(function(*args, **kwargs))
-    except BaseException as e:  # pylint: disable=broad-except
-      future.set_exception(e)
-
-  threading.Thread(target=run, daemon=True).start()
-  return future
-
-
 def _compile(loop, *args, **options) -> None:
   """Compiles `loop`'s program for these arguments, without running it: the
   call with them that follows finds it ready (`parallel.train_loop`). A
@@ -1041,19 +1024,20 @@ def train_phase(run: Run) -> None:
   reference = _reference_statistics() if FLAGS.eval_samples else None
   # The first call's program compiles while the host draws the first grid
   # and readies the evaluation's programs, which compile programs of their
-  # own.
-  compiling = _in_background(
-      _compile, train_loop, state_g, state_d, images, phase.loop_key,
-      num_steps=_call_size(step - step % spe, step % spe, spe, chunk),
-      **loop_options)
-  # The same program copies the states at every epoch's end.
-  local_g = parallel.local_copy((state_g, state_d))[0]
-  if step == 0:
-    _write_grid(run, _queue_grid(run, local_g, noise), 'epoch_000.png', 0)
-  if FLAGS.eval_samples:
-    # One batch readies the evaluation's programs; its numbers are unused.
-    _start_eval_seeds(local_g, reference, eval_key,
-                      min(FLAGS.eval_samples, _EVAL_BATCH))
+  # own. Leaving the block waits for the thread, also after a failure.
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    compiling = pool.submit(
+        _compile, train_loop, state_g, state_d, images, phase.loop_key,
+        num_steps=_call_size(step - step % spe, step % spe, spe, chunk),
+        **loop_options)
+    # The same program copies the states at every epoch's end.
+    local_g = parallel.local_copy((state_g, state_d))[0]
+    if step == 0:
+      _write_grid(run, _queue_grid(run, local_g, noise), 'epoch_000.png', 0)
+    if FLAGS.eval_samples:
+      # One batch readies the evaluation's programs; its numbers are unused.
+      _start_eval_seeds(local_g, reference, eval_key,
+                        min(FLAGS.eval_samples, _EVAL_BATCH))
   compiling.result()
   del state_g, state_d, meta, local_g  # From here on they live in `phase`.
 

@@ -278,14 +278,17 @@ def test_reference_statistics_are_cached(mnist_data_dir):
   np.testing.assert_array_equal(rebuilt.covariance, first.covariance)
 
 
-def test_evaluate_a_sampler_in_batches_equals_the_array(mnist_data_dir):
-  reference = metrics.mnist_reference_statistics(data_dir=mnist_data_dir)
+@pytest.fixture(scope='module')
+def sampler():
+  """`(key, n) -> images` of an untrained default G."""
   state_g, _ = jaxgan.DCGANConfig().create_train_states(jax.random.key(0))
+  return lambda batch_key, n: jaxgan.sample(state_g, batch_key, n)
+
+
+def test_evaluate_a_sampler_in_batches_equals_the_array(mnist_data_dir,
+                                                        sampler):
+  reference = metrics.mnist_reference_statistics(data_dir=mnist_data_dir)
   key = jax.random.key(7)
-
-  def sampler(batch_key, n):
-    return jaxgan.sample(state_g, batch_key, n)
-
   streamed = metrics.evaluate(sampler, reference, num_samples=700, key=key,
                               batch_size=300)
   images = np.concatenate([sampler(jax.random.fold_in(key, i), n)
@@ -317,14 +320,9 @@ def _count_waits(monkeypatch):
 
 
 def test_started_evaluation_queues_every_batch_and_fetches_once(
-    mnist_data_dir, monkeypatch):
+    mnist_data_dir, sampler, monkeypatch):
   reference = metrics.mnist_reference_statistics(data_dir=mnist_data_dir)
-  state_g, _ = jaxgan.DCGANConfig().create_train_states(jax.random.key(0))
   key = jax.random.key(3)
-
-  def sampler(batch_key, n):
-    return jaxgan.sample(state_g, batch_key, n)
-
   expected = metrics.evaluate(sampler, reference, num_samples=500, key=key,
                               batch_size=100)
   waits = _count_waits(monkeypatch)
