@@ -1045,7 +1045,6 @@ def train_phase(run: Run) -> None:
                    meta: dict, evaluation, eval_seconds: float) -> None:
     """Collects the epoch's evaluation, keeps the best, writes the rest."""
     nonlocal last_eval
-    host_states = parallel.to_host(local_states)
     if grid is not None:
       _write_grid(run, grid, f'epoch_{done:03d}.png', done * spe)
     is_best = False
@@ -1065,7 +1064,7 @@ def train_phase(run: Run) -> None:
       fcd = last_eval['fcd']
       is_best = meta.get('best_fcd') is None or fcd < meta['best_fcd']
       # Named like the checkpoint folder: D's update count.
-      d_updates = _count(host_states[1].step)
+      d_updates = _count(local_states[1].step)
       if is_best:
         best = {'best_fcd': fcd, 'best_epoch': done, 'best_step': d_updates}
         # The epoch's checkpoint carries it, and so do later ones.
@@ -1085,7 +1084,7 @@ def train_phase(run: Run) -> None:
             f'{record["g_loss"]:.4f}  D(x) {record["d_real"]:.3f}  '
             f'D(G(z)) {record["d_fake"]:.3f}  '
             f'{record["steps_per_sec"]:.1f} steps/s{eval_note}')
-    _finish_epoch(run, record, host_states, run_key, meta, is_best, line)
+    _finish_epoch(run, record, local_states, run_key, meta, is_best, line)
 
   start_time = time.time()
   for done, record in phase.epochs(FLAGS.num_epochs, chunk, 'epoch'):
