@@ -295,10 +295,11 @@ def test_readme_library_example_runs(tmp_path, mnist_data_dir):
   """The README's `import jaxgan` example, shortened to three steps."""
   import re  # pylint: disable=g-import-not-at-top
   with open(os.path.join(REPO, 'README.md')) as f:
-    training, evaluation = re.findall(r'```python\n(.*?)```', f.read(),
-                                      re.S)[:2]
+    training, evaluation, queued = re.findall(r'```python\n(.*?)```',
+                                              f.read(), re.S)[:3]
   assert 'for step in range(100):' in training
   assert 'jaxgan.evaluate(' in evaluation
+  assert 'start_evaluation(' in queued and 'num_steps=100' in queued
   code = training.replace('for step in range(100):', 'for step in range(3):')
   code += ('\nassert samples.shape == (16, 28, 28, 1)\n'
            'assert int(state_g.step) == 3\n')
@@ -306,6 +307,11 @@ def test_readme_library_example_runs(tmp_path, mnist_data_dir):
   code += ('\nassert result.num_images == real.num_images == 1000\n'
            'assert real.fcd < result.fcd / 10\n'
            'assert real.classes_present == 10\n')
+  code += queued.replace('10_000', '1000').replace('num_steps=100',
+                                                   'num_steps=2')
+  # The queued evaluation saw G before the loop consumed it.
+  code += ('\nassert pending.result() == result\n'
+           'assert int(state_g.step) == 5\n')
   script = tmp_path / 'readme_example.py'
   script.write_text(code)
   result = subprocess.run(
