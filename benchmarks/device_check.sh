@@ -128,11 +128,12 @@ records = [json.loads(l) for l in open(f'{workdir}/metrics.jsonl')]
 log = open(f'{workdir}.log').read()
 wall = float(end) - float(start)
 # Where the wall clock went, from the example's own epoch records and the
-# training loop's time on its "Done:" line. The first epoch includes
-# compiling the loop. "between_epochs" is host time after an epoch's last
-# call before the next epoch's first one, and the final writes; the
-# evaluation's host time overlaps the epochs (it is collected while the next
-# epoch runs), so it is reported beside them, not added.
+# training loop's time on its "Done:" line. Start-up includes compiling the
+# first call's program (the example compiles it while it draws the first
+# grid and readies the evaluation). "between_epochs" is host time after an
+# epoch's last call before the next epoch's first one, and the final writes;
+# the evaluation's host time overlaps the epochs (it is collected while the
+# next epoch runs), so it is reported beside them, not added.
 first, later = records[0]['seconds'], sum(r['seconds'] for r in records[1:])
 loop = float(re.search(r'Done: .* in ([0-9.]+)s;', log).group(1))
 breakdown = {
