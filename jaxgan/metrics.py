@@ -374,7 +374,6 @@ class _SetAccumulator:
 
   def __init__(self, classifier: classifier_lib.Classifier):
     self.classifier = classifier
-    self.max_pending = _MAX_PENDING_BATCHES
     self.moments = _MomentAccumulator()
     self.classes = _ClassAccumulator()
     self._pending = []
@@ -385,12 +384,15 @@ class _SetAccumulator:
     outputs = _batch_statistics(self.classifier.module,
                                 self.classifier.params, images)
     self._pending.append((name if check_range else None, outputs))
-    if len(self._pending) > self.max_pending:
+    if len(self._pending) > _MAX_PENDING_BATCHES:
       self._fetch(len(self._pending) - 1)
 
   def finish(self) -> '_SetAccumulator':
-    """Fetches every queued batch."""
+    """Fetches every queued batch; raises unless there were 2 images."""
     self._fetch(len(self._pending))
+    if self.moments.count < 2:
+      raise JaxganError(f'Need at least 2 images to evaluate, got '
+                        f'{self.moments.count}.')
     return self
 
   def _fetch(self, num_batches: int) -> None:
@@ -425,14 +427,13 @@ def _batches(source, num_samples, key, batch_size):
 def _checked(images, name: str, expected: int | None = None):
   """`(images, name, check_range)` for `_SetAccumulator.add`; host images
   are range-checked at once, device images once they are fetched."""
-  images, check_range = _classifier_input(images, name)
+  if isinstance(images, jax.Array):
+    images, check_range = _classifier_input(images, name)
+  else:
+    images, check_range = as_classifier_input(images, name), False
   if expected is not None and images.shape[0] != expected:
     raise JaxganError(f'The sampler returned {images.shape[0]} images '
                       f'when asked for {expected}.')
-  if check_range and not isinstance(images, jax.Array):
-    if images.size:
-      _check_range(name, float(images.min()), float(images.max()))
-    check_range = False
   return images, name, check_range
 
 
@@ -444,14 +445,6 @@ def _queue(source, num_samples, key, batch_size, classifier
   for images, name, check_range in _batches(source, num_samples, key,
                                             batch_size):
     accumulator.add(images, name, check_range)
-  return accumulator
-
-
-def _finished(accumulator: _SetAccumulator) -> _SetAccumulator:
-  accumulator.finish()
-  if accumulator.moments.count < 2:
-    raise JaxganError(f'Need at least 2 images to evaluate, got '
-                      f'{accumulator.moments.count}.')
   return accumulator
 
 
@@ -468,8 +461,8 @@ def image_statistics(images: Any, *, batch_size: int = 500,
   Returns:
     The set's feature mean and covariance.
   """
-  return _finished(_queue(images, None, None, batch_size,
-                         classifier)).moments.result()
+  return _queue(images, None, None, batch_size,
+                classifier).finish().moments.result()
 
 
 def evaluate(source: Any, reference: FeatureStatistics, *,
@@ -532,7 +525,7 @@ def start_evaluation(source: Any, reference: FeatureStatistics, *,
   accumulator = _queue(source, num_samples, key, batch_size, classifier)
 
   def finish() -> EvalResult:
-    _finished(accumulator)
+    accumulator.finish()
     coverage = accumulator.classes.coverage(min_share)
     return EvalResult(
         fcd=frechet_distance(accumulator.moments.result(), reference),
