@@ -59,7 +59,20 @@ class DiscriminatorState(train_state.TrainState):
 
 def adam(learning_rate: float = 2e-4, beta1: float = 0.5,
          beta2: float = 0.999) -> optax.GradientTransformation:
-  """Adam with DCGAN's defaults (the tutorial used beta1 = 0.9)."""
+  """Adam with DCGAN's defaults (the tutorial used beta1 = 0.9).
+
+  Equal arguments give the same object: states made with it then share
+  compiled programs (`create_train_states`, the steps), whose caches tell
+  optimisers apart by identity.
+  """
+  try:
+    return _adam(learning_rate, beta1, beta2)
+  except TypeError:  # An unhashable argument, e.g. an array.
+    return optax.adam(learning_rate, b1=beta1, b2=beta2)
+
+
+@functools.cache
+def _adam(learning_rate, beta1, beta2) -> optax.GradientTransformation:
   return optax.adam(learning_rate, b1=beta1, b2=beta2)
 
 
@@ -91,25 +104,34 @@ def create_train_states(
   """
   if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
     raise ValueError(f'ema_decay must be in [0, 1) or None, got {ema_decay}.')
-  key_g, key_d = jax.random.split(key)
-  noise_dim = int(generator.noise_dim)
   num_classes = int(getattr(generator, 'num_classes', 0))
   if num_classes != int(getattr(discriminator, 'num_classes', 0)):
     raise ValueError(
         f'The generator has num_classes={num_classes} but the discriminator '
         f'{getattr(discriminator, "num_classes", 0)}; a conditional GAN '
         'needs both conditional on the same classes.')
+  statics = (generator, discriminator, optimizer_g, optimizer_d,
+             tuple(image_shape), ema_decay)
+  try:
+    hash(statics)
+  except TypeError:
+    # A module or optimiser with unhashable fields: compiled for this call.
+    return jax.jit(functools.partial(_initial_states, *statics))(key)
+  return _initial_states_program(*statics, key)
+
+
+def _initial_states(generator, discriminator, optimizer_g, optimizer_d,
+                    image_shape, ema_decay, key):
+  """`create_train_states`' work, as one program: a run's start-up then
+  compiles (or loads) one program instead of one per optimiser leaf."""
+  key_g, key_d = jax.random.split(key)
+  noise_dim = int(generator.noise_dim)
+  num_classes = int(getattr(generator, 'num_classes', 0))
   labels = _labels_kwargs(jnp.zeros((1,), jnp.int32) if num_classes else None)
-
-  @jax.jit
-  def init(key_g, key_d):
-    vars_g = generator.init(key_g, jnp.zeros((1, noise_dim)), train=False,
-                            **labels)
-    vars_d = discriminator.init(
-        key_d, jnp.zeros((1, *image_shape)), train=False, **labels)
-    return vars_g, vars_d
-
-  vars_g, vars_d = init(key_g, key_d)
+  vars_g = generator.init(key_g, jnp.zeros((1, noise_dim)), train=False,
+                          **labels)
+  vars_d = discriminator.init(
+      key_d, jnp.zeros((1, *image_shape)), train=False, **labels)
   generated = jax.eval_shape(
       lambda v: generator.apply(v, jnp.zeros((1, noise_dim)), **labels),
       vars_g)
@@ -117,26 +139,31 @@ def create_train_states(
     raise ValueError(
         f'The generator makes images of shape {generated.shape[1:]} but '
         f'image_shape is {tuple(image_shape)}; they must agree.')
-  # An int32 array (not the Python int 0 that TrainState.create uses) so the
-  # first and later calls of a jitted step see the same input types; one per
-  # state, since a buffer cannot be donated twice.
-  zero = lambda: jnp.zeros((), jnp.int32)
+  # A strongly typed int32 (not the weakly typed Python int 0 that
+  # TrainState.create uses), so the first and later calls of a jitted step
+  # see the same input types.
+  zero = jnp.zeros((), jnp.int32)
   state_g = GeneratorState.create(
       apply_fn=generator.apply, params=vars_g['params'], tx=optimizer_g,
       batch_stats=vars_g.get('batch_stats', {}), noise_dim=noise_dim,
       ema_decay=0.0 if ema_decay is None else float(ema_decay),
       num_classes=num_classes,
-  ).replace(step=zero())
+  ).replace(step=zero)
   if ema_decay is not None:
-    # A copy, not an alias: the params buffers are donated by the steps.
-    state_g = state_g.replace(ema_params=jax.tree.map(jnp.copy,
-                                                      state_g.params))
+    # The program's outputs are separate buffers, so the average survives
+    # the steps' donation of `params`.
+    state_g = state_g.replace(ema_params=state_g.params)
   state_d = DiscriminatorState.create(
       apply_fn=discriminator.apply, params=vars_d['params'], tx=optimizer_d,
       batch_stats=vars_d.get('batch_stats', {}),
       image_shape=tuple(image_shape), num_classes=num_classes
-  ).replace(step=zero())
+  ).replace(step=zero)
   return state_g, state_d
+
+
+# Compiled once per model, optimisers, image shape and EMA setting.
+_initial_states_program = jax.jit(_initial_states,
+                                  static_argnums=(0, 1, 2, 3, 4, 5))
 
 
 def sample_noise(key: jax.Array, num: int, noise_dim: int) -> jax.Array:

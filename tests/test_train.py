@@ -156,6 +156,44 @@ def test_second_call_does_not_compile(real_batch):
   assert int(state_g.step) == 3
 
 
+def test_states_of_another_seed_reuse_every_program(real_batch):
+  config = jaxgan.DCGANConfig(ema_decay=0.999)
+  state_g, state_d = config.create_train_states(jax.random.key(20))
+  jaxgan.train_step(state_g, state_d, real_batch, jax.random.key(0))
+  _COUNTER.count, _COUNTER.active = 0, True
+  try:
+    state_g, state_d = config.create_train_states(jax.random.key(21))
+    jax.block_until_ready((state_g, state_d))
+  finally:
+    _COUNTER.active = False
+  assert _COUNTER.count == 0
+  # The values are the modules' own initialisation, from the split key.
+  key_g, key_d = jax.random.split(jax.random.key(21))
+  variables_g = config.generator().init(key_g, jnp.zeros((1, 100)),
+                                        train=False)
+  variables_d = config.discriminator().init(
+      key_d, jnp.zeros((1, 28, 28, 1)), train=False)
+  assert leaves_equal(state_g.params, variables_g['params'])
+  assert leaves_equal(state_g.batch_stats, variables_g['batch_stats'])
+  assert leaves_equal(state_d.params, variables_d['params'])
+  assert leaves_equal(state_g.ema_params, state_g.params)
+  assert leaves_equal(state_g.opt_state, config.optimizer().init(
+      variables_g['params']))
+  assert int(state_g.step) == int(state_d.step) == 0
+  # Separate buffers: a step donates `params` and keeps the average.
+  pointers = lambda tree: {leaf.unsafe_buffer_pointer()
+                           for leaf in jax.tree.leaves(tree)}
+  assert not pointers(state_g.ema_params) & pointers(state_g.params)
+  assert not pointers(state_g.step) & pointers(state_d.step)
+  _COUNTER.count, _COUNTER.active = 0, True
+  try:
+    jax.block_until_ready(jaxgan.train_step(state_g, state_d, real_batch,
+                                            jax.random.key(0)))
+  finally:
+    _COUNTER.active = False
+  assert _COUNTER.count == 0  # A weakly typed step counter would recompile.
+
+
 def test_states_are_donated(states, real_batch):
   state_g, state_d = copy_tree(states)
   jaxgan.train_step(state_g, state_d, real_batch, jax.random.key(0))
