@@ -87,6 +87,10 @@ def create_train_states(
 ) -> tuple[GeneratorState, DiscriminatorState]:
   """Initialises both networks and their optimisers.
 
+  All of it is one jitted program, compiled once per generator,
+  discriminator, optimisers (told apart by identity: reuse the objects, or
+  use `adam`), image shape and EMA setting; other keys reuse it.
+
   Args:
     key: a PRNG key; split once for the two networks.
     generator: a module mapping `[B, noise_dim]` to `[B, *image_shape]`, with
