@@ -1,5 +1,7 @@
 """The train step, the discriminator-only step, the fused loops and sampling."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +30,15 @@ class CompileCounter:
     del duration, kwargs
     if self.active and event in _COMPILE_EVENTS:
       self.count += 1
+
+  @contextlib.contextmanager
+  def counting(self):
+    """Counts from zero within the block; read `count` after it."""
+    self.count, self.active = 0, True
+    try:
+      yield self
+    finally:
+      self.active = False
 
 
 _COUNTER = CompileCounter()
@@ -144,14 +155,11 @@ def test_second_call_does_not_compile(real_batch):
   state_g, state_d, _ = jaxgan.train_step(state_g, state_d, real_batch,
                                           jax.random.key(0))
   keys = [jax.random.fold_in(jax.random.key(0), i) for i in (1, 2)]
-  _COUNTER.count, _COUNTER.active = 0, True
-  try:
+  with _COUNTER.counting():
     for key in keys:
       state_g, state_d, metrics = jaxgan.train_step(
           state_g, state_d, real_batch, key)
     jax.block_until_ready(metrics)
-  finally:
-    _COUNTER.active = False
   assert _COUNTER.count == 0
   assert int(state_g.step) == 3
 
@@ -160,12 +168,9 @@ def test_states_of_another_seed_reuse_every_program(real_batch):
   config = jaxgan.DCGANConfig(ema_decay=0.999)
   state_g, state_d = config.create_train_states(jax.random.key(20))
   jaxgan.train_step(state_g, state_d, real_batch, jax.random.key(0))
-  _COUNTER.count, _COUNTER.active = 0, True
-  try:
+  with _COUNTER.counting():
     state_g, state_d = config.create_train_states(jax.random.key(21))
     jax.block_until_ready((state_g, state_d))
-  finally:
-    _COUNTER.active = False
   assert _COUNTER.count == 0
   # The values are the modules' own initialisation, from the split key.
   key_g, key_d = jax.random.split(jax.random.key(21))
@@ -185,12 +190,9 @@ def test_states_of_another_seed_reuse_every_program(real_batch):
                            for leaf in jax.tree.leaves(tree)}
   assert not pointers(state_g.ema_params) & pointers(state_g.params)
   assert not pointers(state_g.step) & pointers(state_d.step)
-  _COUNTER.count, _COUNTER.active = 0, True
-  try:
+  with _COUNTER.counting():
     jax.block_until_ready(jaxgan.train_step(state_g, state_d, real_batch,
                                             jax.random.key(0)))
-  finally:
-    _COUNTER.active = False
   assert _COUNTER.count == 0  # A weakly typed step counter would recompile.
 
 
