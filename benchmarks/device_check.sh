@@ -45,15 +45,16 @@ mkdir -p "$RESULTS"
 archive() { tar czf "$OUT/device_check.tar.gz" -C "$WORKDIR" device_check; }
 
 if [ -n "${DEVICE_CHECK_QUICK:-}" ]; then
-  TRAIN_STEP=(--batch_sizes=8 --trials=1 --steps=2 --fused_steps=2)
+  TRAIN_STEP=(--batch_sizes=8 --trials=2 --steps=2 --fused_steps=3)
   RUN=(--num_epochs=1 --steps_per_epoch=2 --eval_samples=500
        --num_test_samples=500)
   COMPARE=(--batch_size=8 --steps=2 --trials=1 --no_compile)
   GUARD=(--batch_size=8 --steps=2 --trials=1)
   LAYERS=(--batch_size=2 --trials=1)
   PROFILE=(--batch_size=8 --steps=2)
-  VARIANTS=(--batch_sizes=8 --conv_kernel_grad=auto,xla --trials=1 --steps=2
-            --fused_steps=2)
+  VARIANTS=(--batch_sizes=8 --conv_kernel_grad=xla,im2col
+            --compute_dtype=float32,bfloat16 --trials=1 --steps=1
+            --fused_steps=1)
 else
   TRAIN_STEP=(--batch_sizes=64,256,1024 --trials=5 --steps=50
               --fused_steps=300)

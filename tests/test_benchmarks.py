@@ -1,5 +1,6 @@
 """The benchmark scripts run from an install and write what they claim."""
 
+import fcntl
 import importlib.metadata
 import importlib.util
 import json
@@ -30,23 +31,109 @@ def _run(script, *args):
   return result.stdout
 
 
+# The device check runs every benchmark script, so the scripts' own tests read
+# their parts of its archive: one run at toy sizes instead of one per script.
+
+
+@pytest.fixture(scope='session')
+def device_check(tmp_path_factory, mnist_data_dir):
+  """`device_check.sh` at toy sizes on real MNIST: {file name: bytes}.
+
+  Under pytest-xdist each worker has its own session; the first worker to
+  ask runs the check, in the folder all workers share, and the others wait
+  for it and read the same archive.
+  """
+  shared = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    shared = shared.parent
+  out = shared / 'device_check'
+  finished = out / 'finished.json'
+  with open(shared / 'device_check.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not finished.exists():
+      out.mkdir(exist_ok=True)
+      result = subprocess.run(
+          ['bash', os.path.join(REPO, 'benchmarks', 'device_check.sh')],
+          capture_output=True, text=True, timeout=1200, cwd=out,
+          env={**os.environ, 'DEVICE_CHECK_QUICK': '1', 'OUT': str(out),
+               'TFDS_DATA_DIR': mnist_data_dir, 'PYTHON': sys.executable})
+      finished.write_text(json.dumps({
+          'returncode': result.returncode,
+          'output': result.stdout[-3000:] + result.stderr[-3000:]}))
+  run = json.loads(finished.read_text())
+  assert run['returncode'] == 0, run['output']
+  with tarfile.open(out / 'device_check.tar.gz') as archive:
+    return {member.name: archive.extractfile(member).read()
+            for member in archive.getmembers() if member.isfile()}
+
+
+def _part_json(device_check, name):
+  return json.loads(device_check[f'device_check/{name}.json'])
+
+
+def _part_output(device_check, name):
+  """What the part printed (stdout and stderr)."""
+  return device_check[f'device_check/{name}.txt'].decode()
+
+
 @pytest.mark.slow
-def test_train_step_benchmark_reports_rates_and_flops(tmp_path):
-  out = tmp_path / 'bench.json'
-  stdout = _run('train_step.py', '--batch_sizes=8', '--trials=2', '--steps=2',
-                '--fused_steps=3', f'--json={out}')
-  assert 'GFLOP/step' in stdout
-  report = json.loads(out.read_text())
-  (result,) = report['results']
-  assert result['batch_size'] == 8 and result['data'] == 'synthetic'
-  for mode in ('step', 'fused'):
-    assert result[mode]['steps_per_sec'] > 0
-    assert result[mode]['trials'] == 2
-    assert result[mode]['steps_per_sec_min'] <= result[mode]['steps_per_sec']
-  assert result['fused']['steps_per_call'] == 3
+def test_device_check_runs_every_part_at_toy_sizes(device_check):
+  expected = ['train_step.json', 'full_run.json', 'full_run_warm.json',
+              'compare_pytorch.txt', 'divergence_guard.json', 'layers.json',
+              'environment.txt', 'epoch_001.png', 'conv_variants.json',
+              'profile.json', 'timings.txt']
+  if importlib.util.find_spec('torch') is not None:
+    expected.append('compare_pytorch.json')
+  for name in expected:
+    assert f'device_check/{name}' in device_check
+  timings = _part_output(device_check, 'timings')
+  assert [line.split()[0] for line in timings.splitlines()] == [
+      'environment', 'train_step', 'full_run', 'full_run_warm',
+      'compare_pytorch', 'conv_variants', 'divergence_guard', 'layers',
+      'profile']
+  assert all(line.endswith('exit status 0') for line in timings.splitlines())
+
+
+@pytest.mark.slow
+def test_device_check_times_the_full_run_cold_and_warm(device_check):
+  for name, cache in (('full_run', 'cold'), ('full_run_warm', 'warm')):
+    run = _part_json(device_check, name)
+    assert run['compilation_cache'] == cache
+    assert run['steps'] == 2 and run['epochs'] == 1
+    assert run['wall_seconds'] > 0 and 'fcd' in run['final']
+    parts = run['breakdown']
+    assert parts['first_epoch_seconds'] > 0
+    assert parts['eval_host_seconds'] > 0
+    assert parts['later_epochs_seconds'] == 0  # One epoch only.
+    assert parts['later_epochs_steps_per_sec'] is None
+    # The final evaluation and writes come after the epoch.
+    assert parts['between_epochs_seconds'] > 0
+    assert parts['start_up_and_exit_seconds'] > 0
+    assert (parts['start_up_and_exit_seconds']
+            + parts['first_epoch_seconds']
+            + parts['between_epochs_seconds']) == pytest.approx(
+                run['wall_seconds'])
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_reports_rates_and_flops(device_check):
+  stdout = _part_output(device_check, 'train_step')
+  assert 'GFLOP/step' in stdout and 'matmul/s' in stdout
+  report = _part_json(device_check, 'train_step')
   assert report['matmul_flops_per_sec'] > 1e8
-  for mode in ('step', 'fused'):
-    assert 0 < result[mode]['fraction_of_matmul_rate'] < 2
+  results = report['results']
+  assert [(r['batch_size'], r['data']) for r in results] == [
+      (8, 'synthetic'), (8, 'mnist')]
+  for result in results:
+    for mode in ('step', 'fused'):
+      assert result[mode]['steps_per_sec'] > 0
+      assert result[mode]['trials'] == 2
+      assert (result[mode]['steps_per_sec_min']
+              <= result[mode]['steps_per_sec']
+              <= result[mode]['steps_per_sec_max'])
+      assert 0 < result[mode]['fraction_of_matmul_rate'] < 2
+    assert result['fused']['steps_per_call'] == 3
+  result = results[0]
   # The analytic count (non-zero products only, about 15 GFLOP at batch 64)
   # and XLA's agree to within 25%: on CPU the im2col transposed convolution
   # also multiplies the zeros of its phase matrix, 11% of the step.
@@ -67,17 +154,11 @@ def test_train_step_benchmark_reports_rates_and_flops(tmp_path):
                 if op['shapes'] == [[8, 7, 7, 1600], [1600, 128]]]
   assert forward['count'] == 3
   assert forward['gflop'] == pytest.approx(2 * 8 * 49 * 1600 * 128 / 1e9)
-  assert 'matmul/s' in stdout
 
 
 @pytest.mark.slow
-def test_train_step_benchmark_measures_each_setting(tmp_path):
-  out = tmp_path / 'variants.json'
-  stdout = _run('train_step.py', '--batch_sizes=4', '--trials=1', '--steps=1',
-                '--fused_steps=1', '--conv_kernel_grad=xla,im2col',
-                '--compute_dtype=float32,bfloat16', '--no_contractions',
-                f'--json={out}')
-  report = json.loads(out.read_text())
+def test_train_step_benchmark_measures_each_setting(device_check):
+  report = _part_json(device_check, 'conv_variants')
   settings = [(r['conv_kernel_grad'], r['compute_dtype'])
               for r in report['results']]
   assert settings == [('xla', 'float32'), ('xla', 'bfloat16'),
@@ -93,7 +174,61 @@ def test_train_step_benchmark_measures_each_setting(tmp_path):
   flops = {r['conv_kernel_grad']: r['flops_per_step_xla_unoptimized']
            for r in report['results']}
   assert flops['im2col'] > flops['xla']
-  assert 'im2col bfloat16' in ' '.join(stdout.split())
+  assert 'im2col bfloat16' in ' '.join(
+      _part_output(device_check, 'conv_variants').split())
+
+
+@pytest.mark.slow
+def test_compare_pytorch_runs_with_or_without_torch(device_check):
+  stdout = _part_output(device_check, 'compare_pytorch')
+  if importlib.util.find_spec('torch') is None:
+    assert 'PyTorch is not installed' in stdout
+    assert 'device_check/compare_pytorch.json' not in device_check
+    return
+  report = _part_json(device_check, 'compare_pytorch')
+  assert report['pytorch']['eager_steps_per_sec'] > 0
+  assert report['ratio_jaxgan_over_eager'] > 0
+  assert 'jaxgan (best) / PyTorch eager' in stdout
+  assert report['jaxgan']['contractions_alone_steps_per_sec'] > 0
+  assert report['ratio_contractions_alone_over_eager'] == pytest.approx(
+      report['jaxgan']['contractions_alone_steps_per_sec']
+      / report['pytorch']['eager_steps_per_sec'])
+
+
+@pytest.mark.slow
+def test_divergence_guard_benchmark_compares_each_guard_with_none(
+    device_check):
+  stdout = _part_output(device_check, 'divergence_guard')
+  assert 'freeze / unguarded' in stdout and 'detect / unguarded' in stdout
+  report = _part_json(device_check, 'divergence_guard')
+  checks, selects = report['finiteness_checks'], report['selects']
+  assert checks['unguarded'] == 0
+  assert checks['freeze'] == checks['detect'] > 0
+  assert selects['freeze'] > selects['detect'] == selects['unguarded']
+  assert set(report['steps_per_sec']) == {'freeze', 'detect', 'unguarded'}
+  assert report['freeze_over_unguarded'] > 0
+  assert report['detect_over_unguarded'] > 0
+
+
+@pytest.mark.slow
+def test_layer_benchmark_times_every_implementation(device_check):
+  assert 'im2col' in _part_output(device_check, 'layers')
+  report = _part_json(device_check, 'layers')
+  assert len(report['layers']) == 4
+  for row in report['layers']:
+    for impl in ('flax', 'matmul_grad', 'im2col'):
+      for mode in ('plain', 'scan'):
+        assert row[f'{impl}_{mode}_ms'] > 0
+
+
+@pytest.mark.slow
+def test_profile_benchmark_traces_the_fused_loop(device_check):
+  assert 'µs per step' in _part_output(device_check, 'profile')
+  report = _part_json(device_check, 'profile')
+  assert report['wall_us_per_step_untraced'] > 0
+  assert report['trace'].endswith('.trace.json.gz')
+  busiest = report['timelines'][0]
+  assert busiest['busy_us_per_step'] > 0 and busiest['operations']
 
 
 def test_train_step_benchmark_refuses_unknown_settings():
@@ -128,19 +263,6 @@ def test_profile_summary_sums_each_timeline():
   assert device['operations'] == [
       {'name': 'conv', 'us_per_step': 30, 'calls_per_step': 1}]
   assert host['busy_us_per_step'] == 2.5
-
-
-@pytest.mark.slow
-def test_profile_benchmark_traces_the_fused_loop(tmp_path):
-  out = tmp_path / 'profile.json'
-  stdout = _run('profile_step.py', '--batch_size=4', '--steps=2',
-                f'--trace_dir={tmp_path / "trace"}', f'--json={out}')
-  report = json.loads(out.read_text())
-  assert report['wall_us_per_step_untraced'] > 0
-  assert report['trace'].startswith(str(tmp_path / 'trace'))
-  busiest = report['timelines'][0]
-  assert busiest['busy_us_per_step'] > 0 and busiest['operations']
-  assert 'µs per step' in stdout
 
 
 def test_step_contractions_counts_nested_and_repeated_operations():
@@ -182,26 +304,6 @@ def test_train_step_benchmark_rejects_bad_flags():
   assert 'comma-separated integers' in result.stderr
 
 
-def test_compare_pytorch_runs_with_or_without_torch(tmp_path):
-  out = tmp_path / 'compare.json'
-  stdout = _run('compare_pytorch.py', '--batch_size=8', '--steps=1',
-                '--trials=1', '--no_compile', f'--json={out}')
-  try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    assert 'PyTorch is not installed' in stdout
-    assert not out.exists()
-    return
-  report = json.loads(out.read_text())
-  assert report['pytorch']['eager_steps_per_sec'] > 0
-  assert report['ratio_jaxgan_over_eager'] > 0
-  assert 'jaxgan (best) / PyTorch eager' in stdout
-  assert report['jaxgan']['contractions_alone_steps_per_sec'] > 0
-  assert report['ratio_contractions_alone_over_eager'] == pytest.approx(
-      report['jaxgan']['contractions_alone_steps_per_sec']
-      / report['pytorch']['eager_steps_per_sec'])
-
-
 @pytest.mark.slow
 def test_scaling_benchmark_on_two_simulated_devices(tmp_path):
   out = tmp_path / 'scaling.json'
@@ -224,33 +326,6 @@ def test_scaling_benchmark_on_two_simulated_devices(tmp_path):
       rows[1]['steps_per_sec'] * 16)
 
 
-def test_layer_benchmark_times_every_implementation(tmp_path):
-  out = tmp_path / 'layers.json'
-  stdout = _run('layers.py', '--batch_size=2', '--trials=1', f'--json={out}')
-  assert 'im2col' in stdout
-  report = json.loads(out.read_text())
-  assert len(report['layers']) == 4
-  for row in report['layers']:
-    for impl in ('flax', 'matmul_grad', 'im2col'):
-      for mode in ('plain', 'scan'):
-        assert row[f'{impl}_{mode}_ms'] > 0
-
-
-def test_divergence_guard_benchmark_compares_each_guard_with_none(tmp_path):
-  out = tmp_path / 'guard.json'
-  stdout = _run('divergence_guard.py', '--batch_size=4', '--steps=2',
-                '--trials=1', f'--json={out}')
-  assert 'freeze / unguarded' in stdout and 'detect / unguarded' in stdout
-  report = json.loads(out.read_text())
-  checks, selects = report['finiteness_checks'], report['selects']
-  assert checks['unguarded'] == 0
-  assert checks['freeze'] == checks['detect'] > 0
-  assert selects['freeze'] > selects['detect'] == selects['unguarded']
-  assert set(report['steps_per_sec']) == {'freeze', 'detect', 'unguarded'}
-  assert report['freeze_over_unguarded'] > 0
-  assert report['detect_over_unguarded'] > 0
-
-
 def test_epoch_gaps_benchmark_times_every_boundary(tmp_path,
                                                   mnist_data_dir):
   out = tmp_path / 'gaps.json'
@@ -263,56 +338,6 @@ def test_epoch_gaps_benchmark_times_every_boundary(tmp_path,
   assert all(gap > 0 for gap in report['gaps_ms'])
   assert report['first_gap_ms'] == report['gaps_ms'][0]
   assert report['later_gaps_median_ms'] == report['gaps_ms'][1]
-
-
-@pytest.mark.slow
-def test_device_check_runs_every_part_at_toy_sizes(tmp_path, mnist_data_dir):
-  out = tmp_path / 'out'
-  result = subprocess.run(
-      ['bash', os.path.join(REPO, 'benchmarks', 'device_check.sh')],
-      capture_output=True, text=True, timeout=1200, cwd=tmp_path,
-      env={**os.environ, 'DEVICE_CHECK_QUICK': '1', 'OUT': str(out),
-           'TFDS_DATA_DIR': mnist_data_dir, 'PYTHON': sys.executable})
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  with tarfile.open(out / 'device_check.tar.gz') as archive:
-    names = set(archive.getnames())
-    read = lambda name: json.load(archive.extractfile(f'device_check/{name}'))
-    expected = ['train_step.json', 'full_run.json', 'full_run_warm.json',
-                'compare_pytorch.txt', 'divergence_guard.json', 'layers.json',
-                'environment.txt', 'epoch_001.png', 'conv_variants.json',
-                'profile.json', 'timings.txt']
-    if importlib.util.find_spec('torch') is not None:
-      expected.append('compare_pytorch.json')
-    for name in expected:
-      assert f'device_check/{name}' in names
-    train_step = read('train_step.json')
-    assert {r['data'] for r in train_step['results']} == {'synthetic', 'mnist'}
-    for name, cache in (('full_run.json', 'cold'),
-                        ('full_run_warm.json', 'warm')):
-      run = read(name)
-      assert run['compilation_cache'] == cache
-      assert run['steps'] == 2 and run['epochs'] == 1
-      assert run['wall_seconds'] > 0 and 'fcd' in run['final']
-      parts = run['breakdown']
-      assert parts['first_epoch_seconds'] > 0
-      assert parts['eval_host_seconds'] > 0
-      assert parts['later_epochs_seconds'] == 0  # One epoch only.
-      assert parts['later_epochs_steps_per_sec'] is None
-      # The final evaluation and writes come after the epoch.
-      assert parts['between_epochs_seconds'] > 0
-      assert parts['start_up_and_exit_seconds'] > 0
-      assert (parts['start_up_and_exit_seconds']
-              + parts['first_epoch_seconds']
-              + parts['between_epochs_seconds']) == pytest.approx(
-                  run['wall_seconds'])
-    assert read('divergence_guard.json')['detect_over_unguarded'] > 0
-    assert [r['conv_kernel_grad'] for r in read('conv_variants.json')[
-        'results']] == ['auto', 'xla']
-    timings = archive.extractfile('device_check/timings.txt').read().decode()
-    assert [line.split()[0] for line in timings.splitlines()] == [
-        'environment', 'train_step', 'full_run', 'full_run_warm',
-        'compare_pytorch', 'conv_variants', 'divergence_guard', 'layers',
-        'profile']
 
 
 def test_device_check_runs_only_the_parts_named(tmp_path):
