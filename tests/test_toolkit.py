@@ -326,17 +326,29 @@ def test_toolkit_combinations_train_without_nans(fields):
 def test_seeds_in_one_program_match_separate_runs():
   """jax.vmap over 4 seeds: each run equals train_loop alone with its key.
 
-  SGD, so that the comparison is to float32 rounding: Adam's first updates
-  are +-lr for every parameter whatever the gradient's size, so rounding
-  noise in near-zero gradients would show up at full size.
+  The batched and unbatched programs round differently, and a GAN step does
+  not keep that small: from states equal to 1e-7, one step's updates have
+  differed by a few percent of their size (a leaky ReLU input within
+  rounding of zero takes the other slope in one program, moving a whole
+  term of the gradient). Plain SGD with a small learning rate keeps the five
+  steps well-conditioned; Adam's first updates are +-lr whatever the
+  gradient's size, and SGD at 0.05 diverges here. The step-0 loss, before
+  any update, is compared to float32 rounding; later losses and the trained
+  states to well within the change that training made, which a wrong key,
+  batch or gradient for any seed would not be.
   """
   config = jaxgan.DCGANConfig(batch_size=8, ema_decay=0.9)
   images = _real(64)
+  optimizer = optax.sgd(1e-3)
 
   def states(seed):
     return jaxgan.create_train_states(
         jax.random.key(seed), config.generator(), config.discriminator(),
-        optax.sgd(0.05), optax.sgd(0.05), ema_decay=0.9)
+        optimizer, optimizer, ema_decay=0.9)
+
+  def trained_leaves(state_g, state_d):
+    return jax.tree.leaves((state_g.params, state_g.ema_params,
+                            state_d.params, state_g.batch_stats))
 
   seeds = range(4)
   keys = [jax.random.key(100 + s) for s in seeds]
@@ -349,23 +361,23 @@ def test_seeds_in_one_program_match_separate_runs():
   assert samples.shape == (4, 3, 28, 28, 1)
   finals = []
   for s in seeds:
+    initial = trained_leaves(*states(s))
     alone_g, alone_d, alone_metrics = jaxgan.train_loop(
         *states(s), images, keys[s], num_steps=5, batch_size=8)
+    np.testing.assert_allclose(metrics['d_loss'][s, 0],
+                               alone_metrics['d_loss'][0], rtol=1e-5)
     for name in ('d_loss', 'g_loss'):
+      # Measured over 32 seeds: at most 3e-4.
       np.testing.assert_allclose(metrics[name][s], alone_metrics[name],
-                                 rtol=1e-5, atol=1e-6)
+                                 rtol=2e-3)
     mine = jaxgan.seed_slice((g, d), s)
-    for a, b in zip(jax.tree.leaves((alone_g.params, alone_g.ema_params,
-                                     alone_d.params, alone_g.batch_stats)),
-                    jax.tree.leaves((mine[0].params, mine[0].ema_params,
-                                     mine[1].params, mine[0].batch_stats))):
-      # Batched and unbatched convolutions round differently, and five GAN
-      # steps amplify that to a few 1e-4 of a layer's largest value; biases
-      # in front of BatchNorm hold only rounding noise (about 1e-9).
-      np.testing.assert_allclose(a, b, rtol=1e-4,
-                                 atol=1e-3 * float(np.max(np.abs(a))) + 1e-7)
-    # Samples come from the EMA, which follows the last steps' parameters:
-    # the same few 1e-4 as the parameters above.
+    for before, a, b in zip(initial, trained_leaves(alone_g, alone_d),
+                            trained_leaves(*mine)):
+      # Measured over 32 seeds: at most 5% of the leaf's largest change.
+      # Biases in front of BatchNorm hold only rounding noise (about 1e-9).
+      change = float(np.max(np.abs(np.asarray(a) - np.asarray(before))))
+      np.testing.assert_allclose(a, b, rtol=0, atol=0.2 * change + 1e-7)
+    # Samples come from the EMA, which follows the last steps' parameters.
     np.testing.assert_allclose(samples[s],
                                jaxgan.sample(alone_g, jax.random.key(7), 3),
                                rtol=1e-4, atol=1e-3)
