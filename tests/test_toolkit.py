@@ -520,7 +520,9 @@ def test_learning_rates_map_like_seeds():
         jax.random.key(0), config.generator(), config.discriminator(),
         optimizer, optimizer)
 
-  rates = (0.01, 0.1)
+  # Small enough for two well-conditioned steps: at 0.1 the batched and
+  # unbatched programs' rounding grew to most of the tolerance below.
+  rates = (0.001, 0.01)
   key = jax.random.key(5)
   g, _, _ = jaxgan.train_loop_seeds(
       *jaxgan.stack_seeds([states(r) for r in rates]), images,
