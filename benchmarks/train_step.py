@@ -166,7 +166,7 @@ def _contraction_flops(primitive, avals, params) -> float:
   return 2.0 * int(np.prod(out.shape)) * per_output
 
 
-def _contraction_timer(primitive, avals, params):
+def _contraction_timer(primitive, avals, params, device):
   """A function that times one run of an operation, in seconds per call.
 
   A `fori_loop` repeats the operation (about 50 ms per run, at least twice)
@@ -175,8 +175,11 @@ def _contraction_timer(primitive, avals, params):
   loop-carried), so XLA cannot hoist the operation out of the loop, and no
   extra pass over the input is timed.
   """
-  keys = jax.random.split(jax.random.key(0), len(avals))
-  inputs = [jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, avals)]
+  # Drawn on the host: jax.random.normal would compile one program per
+  # operand shape, about a third of this function's time on a CPU.
+  rng = np.random.default_rng(0)
+  inputs = [jax.device_put(rng.standard_normal(a.shape, np.float32)
+                           .astype(a.dtype), device) for a in avals]
   corner = (0,) * len(avals[0].shape)
 
   def repeated(repetitions, lhs, *rest):
@@ -218,7 +221,8 @@ def contractions_alone(state_g, state_d, batch, key, trials: int) -> dict:
   jaxpr = jax.make_jaxpr(jaxgan.train_step)(state_g, state_d, batch,
                                              key).jaxpr
   found = list(step_contractions(jaxpr).values())
-  timers = [_contraction_timer(*op[:3]) for op in found]
+  (device,) = batch.devices()
+  timers = [_contraction_timer(*op[:3], device) for op in found]
   # Round robin: a burst of load from elsewhere spoils one trial of every
   # operation, which the median drops, not every trial of one operation.
   times = [[] for _ in timers]

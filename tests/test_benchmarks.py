@@ -295,7 +295,8 @@ def test_step_contractions_counts_nested_and_repeated_operations():
       assert flops == 2 * 4 * 5 * 5
     else:  # [2, 4, 4, 6] outputs, 3 * 3 * 3 multiply-adds each.
       assert flops == 2 * (2 * 4 * 4 * 6) * 27
-    assert bench._contraction_timer(primitive, avals, params)() > 0
+    assert bench._contraction_timer(primitive, avals, params,
+                                    jax.devices()[0])() > 0
 
 
 def test_train_step_benchmark_rejects_bad_flags():
