@@ -3,12 +3,13 @@
 # 64/256/1024 on synthetic and real data, the full 20-epoch MNIST run as the
 # example runs by default (timed twice: compiling every program, then
 # loading them from the compilation cache the first run filled), the
-# PyTorch comparison, the train step under each convolution
+# PyTorch comparison (eager), the train step under each convolution
 # implementation and compute dtype, the divergence guard's cost, the
-# per-layer benchmark and a profile of the fused loop. Everything (JSON,
-# text, sample grids) lands in one archive, $OUT/device_check.tar.gz (OUT
-# defaults to /tmp/device_check), rewritten after each part, so an
-# interrupted check keeps what it finished.
+# per-layer benchmark, a profile of the fused loop and, last because its
+# compile time has no bound and it can fail, the comparison with
+# torch.compile. Everything (JSON, text, sample grids) lands in one archive,
+# $OUT/device_check.tar.gz (OUT defaults to /tmp/device_check), replaced
+# whole after each part, so an interrupted check keeps what it finished.
 #
 # The machine needs jax with its accelerator plugin, flax, optax,
 # orbax-checkpoint and, for the comparison, torch. For a machine without a
@@ -21,7 +22,8 @@
 #   DEVICE_CHECK_PARTS=compare_pytorch,layers bash benchmarks/device_check.sh
 #
 # The parts: environment, train_step, full_run, full_run_warm,
-# compare_pytorch, conv_variants, divergence_guard, layers, profile.
+# compare_pytorch, conv_variants, divergence_guard, layers, profile,
+# torch_compile.
 # DEVICE_CHECK_PARTS runs only the named ones (to finish a check that was
 # cut short); each part's wall time is in timings.txt. PYTHON picks the
 # interpreter (default python3). The exit status is 1 if any part failed or
@@ -42,13 +44,19 @@ WORKDIR="$(mktemp -d)"
 trap 'rm -rf "$WORKDIR"' EXIT
 RESULTS="$WORKDIR/device_check"
 mkdir -p "$RESULTS"
-archive() { tar czf "$OUT/device_check.tar.gz" -C "$WORKDIR" device_check; }
+# Written beside and then renamed: a check stopped while it archives keeps
+# the previous, complete archive.
+archive() {
+  tar czf "$OUT/device_check.tar.gz.partial" -C "$WORKDIR" device_check \
+    && mv -f "$OUT/device_check.tar.gz.partial" "$OUT/device_check.tar.gz"
+}
 
 if [ -n "${DEVICE_CHECK_QUICK:-}" ]; then
   TRAIN_STEP=(--batch_sizes=8 --trials=2 --steps=2 --fused_steps=3)
   RUN=(--num_epochs=1 --steps_per_epoch=2 --eval_samples=500
        --num_test_samples=500)
   COMPARE=(--batch_size=8 --steps=2 --trials=1 --no_compile)
+  COMPILE=(--batch_size=8 --steps=2 --trials=1)
   GUARD=(--batch_size=8 --steps=2 --trials=1)
   LAYERS=(--batch_size=2 --trials=1)
   PROFILE=(--batch_size=8 --steps=2)
@@ -59,17 +67,18 @@ else
   TRAIN_STEP=(--batch_sizes=64,256,1024 --trials=5 --steps=50
               --fused_steps=300)
   RUN=()
-  COMPARE=(--batch_size=64 --steps=200 --trials=5)
+  COMPARE=(--batch_size=64 --steps=200 --trials=5 --no_compile)
+  COMPILE=(--batch_size=64 --steps=200 --trials=3)
   GUARD=(--batch_size=64 --steps=200 --trials=5)
   LAYERS=(--trials=7)
-  PROFILE=(--batch_size=64 --steps=200)
+  PROFILE=(--batch_size=64 --steps=100)
   VARIANTS=(--batch_sizes=64 --conv_kernel_grad=auto,xla,im2col
-            --compute_dtype=float32,bfloat16 --trials=5 --steps=50
+            --compute_dtype=float32,bfloat16 --trials=3 --steps=50
             --fused_steps=300)
 fi
 
 PARTS=(environment train_step full_run full_run_warm compare_pytorch
-       conv_variants divergence_guard layers profile)
+       conv_variants divergence_guard layers profile torch_compile)
 FAILED=()
 parts_asked="${DEVICE_CHECK_PARTS:-}"
 for name in ${parts_asked//,/ }; do
@@ -169,6 +178,8 @@ part layers "$PYTHON" benchmarks/layers.py "${LAYERS[@]}" \
   --json="$RESULTS/layers.json"
 part profile "$PYTHON" benchmarks/profile_step.py "${PROFILE[@]}" \
   --trace_dir="$WORKDIR/trace" --json="$RESULTS/profile.json"
+part torch_compile "$PYTHON" benchmarks/compare_pytorch.py "${COMPILE[@]}" \
+  --json="$RESULTS/torch_compile.json"
 
 echo "wrote $OUT/device_check.tar.gz"
 if [ "${#FAILED[@]}" -gt 0 ]; then

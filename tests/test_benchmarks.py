@@ -81,16 +81,16 @@ def test_device_check_runs_every_part_at_toy_sizes(device_check):
   expected = ['train_step.json', 'full_run.json', 'full_run_warm.json',
               'compare_pytorch.txt', 'divergence_guard.json', 'layers.json',
               'environment.txt', 'epoch_001.png', 'conv_variants.json',
-              'profile.json', 'timings.txt']
+              'profile.json', 'torch_compile.txt', 'timings.txt']
   if importlib.util.find_spec('torch') is not None:
-    expected.append('compare_pytorch.json')
+    expected += ['compare_pytorch.json', 'torch_compile.json']
   for name in expected:
     assert f'device_check/{name}' in device_check
   timings = _part_output(device_check, 'timings')
   assert [line.split()[0] for line in timings.splitlines()] == [
       'environment', 'train_step', 'full_run', 'full_run_warm',
       'compare_pytorch', 'conv_variants', 'divergence_guard', 'layers',
-      'profile']
+      'profile', 'torch_compile']
   assert all(line.endswith('exit status 0') for line in timings.splitlines())
 
 
@@ -182,10 +182,17 @@ def test_train_step_benchmark_measures_each_setting(device_check):
 def test_compare_pytorch_runs_with_or_without_torch(device_check):
   stdout = _part_output(device_check, 'compare_pytorch')
   if importlib.util.find_spec('torch') is None:
-    assert 'PyTorch is not installed' in stdout
-    assert 'device_check/compare_pytorch.json' not in device_check
+    for part in ('compare_pytorch', 'torch_compile'):
+      assert 'PyTorch is not installed' in _part_output(device_check, part)
+      assert f'device_check/{part}.json' not in device_check
     return
   report = _part_json(device_check, 'compare_pytorch')
+  # torch.compile runs in a part of its own, the check's last.
+  assert 'compile_steps_per_sec' not in report['pytorch']
+  assert 'compile_error' not in report['pytorch']
+  compiled = _part_json(device_check, 'torch_compile')['pytorch']
+  assert compiled.get('compile_steps_per_sec', 0) > 0 or (
+      compiled['compile_error'])
   assert report['pytorch']['eager_steps_per_sec'] > 0
   assert report['ratio_jaxgan_over_eager'] > 0
   assert 'jaxgan (best) / PyTorch eager' in stdout
@@ -357,6 +364,8 @@ def test_device_check_runs_only_the_parts_named(tmp_path):
     assert sorted(archive.getnames()) == [
         'device_check', 'device_check/environment.txt',
         'device_check/timings.txt']
+  # Each archive is written beside the last one, then renamed over it.
+  assert not (tmp_path / 'device_check.tar.gz.partial').exists()
   result = check('environment,trainstep')
   assert result.returncode == 1
   assert "no part named 'trainstep'" in result.stderr
