@@ -88,7 +88,8 @@ def main():
   parser.add_argument('--top', type=int, default=15,
                       help='operations listed per timeline')
   parser.add_argument('--timelines', type=int, default=4,
-                      help='busiest timelines printed')
+                      help='timelines printed: the devices\' first, '
+                           'then the busiest')
   parser.add_argument('--trace_dir', default=None)
   parser.add_argument('--json', default=None, help='write the summary here')
   args = parser.parse_args()
@@ -138,7 +139,11 @@ def main():
   print(f'{device.device_kind}, jax {jax.__version__}, batch '
         f'{args.batch_size}: {report["wall_us_per_step_untraced"]:.0f} µs per '
         f'fused step untraced, {report["wall_us_per_step_traced"]:.0f} traced')
-  for timeline in timelines[:args.timelines]:
+  # Device timelines first: on a GPU the host's threads can be busier than
+  # its compute stream, which is what the step is waiting on.
+  printed = sorted(timelines,
+                   key=lambda t: not t['timeline'].startswith('/device:'))
+  for timeline in printed[:args.timelines]:
     print(f'\n{timeline["timeline"]}: busy {timeline["busy_us_per_step"]:.0f} '
           f'µs per step, {timeline["events_per_step"]:.0f} events per step')
     for op in timeline['operations']:
