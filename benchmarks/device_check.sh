@@ -178,6 +178,8 @@ part layers "$PYTHON" benchmarks/layers.py "${LAYERS[@]}" \
   --json="$RESULTS/layers.json"
 part profile "$PYTHON" benchmarks/profile_step.py "${PROFILE[@]}" \
   --trace_dir="$WORKDIR/trace" --json="$RESULTS/profile.json"
+# Times jaxgan and PyTorch eager again beside torch.compile, so that its
+# ratios, too, come from one process.
 part torch_compile "$PYTHON" benchmarks/compare_pytorch.py "${COMPILE[@]}" \
   --json="$RESULTS/torch_compile.json"
 
