@@ -41,6 +41,20 @@ def _restore(workdir, step):
     return ckpt.restore(*config.create_train_states(jax.random.key(0)), step)
 
 
+def _assert_params_within_adam_rounding(states_a, states_b, steps):
+  """G's and D's parameters at most 2 lr apart per step.
+
+  Adam moves a parameter by about lr a step whatever its gradient's size,
+  so where two programs round differently, gradients that are only rounding
+  noise (biases in front of BatchNorm) can part two runs by up to 2 lr a
+  step.
+  """
+  bound = 2 * jaxgan.DCGANConfig().learning_rate * steps + 1e-6
+  for a, b in zip(jax.tree.leaves((states_a[0].params, states_a[1].params)),
+                  jax.tree.leaves((states_b[0].params, states_b[1].params))):
+    assert float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) <= bound
+
+
 @pytest.mark.slow
 def test_three_phases_and_resume(tmp_path, mnist_data_dir):
   workdir = str(tmp_path / 'run')
@@ -237,14 +251,10 @@ def test_four_seeds_in_one_program_match_four_separate_runs(
     alone_g, alone_d, alone_key, _ = _restore(alone, 2)
     np.testing.assert_array_equal(jax.random.key_data(keys[i]),
                                   jax.random.key_data(alone_key))
-    # Adam's first updates are +-lr whatever a gradient's size, so rounding
-    # noise (batched against unbatched convolutions) can move a parameter by
-    # at most 2 lr per step; a wrong seed would differ by far more.
-    bound = 2 * config.learning_rate * 2 + 1e-6
-    mine_g, mine_d = jaxgan.seed_slice((state_g, state_d), i)
-    for a, b in zip(jax.tree.leaves((alone_g.params, alone_d.params)),
-                    jax.tree.leaves((mine_g.params, mine_d.params))):
-      assert float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) <= bound
+    # Batched and unbatched convolutions round differently; a wrong seed
+    # would differ by far more.
+    _assert_params_within_adam_rounding(
+        (alone_g, alone_d), jaxgan.seed_slice((state_g, state_d), i), 2)
   refused = _run(f'--workdir={together}', '--num_seeds=2', '--num_epochs=2',
                  *common[:2], check=False)
   assert refused.returncode == 2
@@ -354,14 +364,9 @@ def test_fused_calls_train_like_one_step_per_call(tmp_path, mnist_data_dir):
   np.testing.assert_array_equal(jax.random.key_data(fused_key),
                                 jax.random.key_data(single_key))
   assert int(fused_g.step) == int(single_g.step) == 8
-  # The losses above check the data and keys. Adam moves a parameter by
-  # about lr a step whatever its gradient, so where XLA rounds the two
-  # programs differently, gradients that are only rounding noise (biases in
-  # front of BatchNorm) can part the runs by up to 2 lr a step.
-  bound = 2 * jaxgan.DCGANConfig().learning_rate * 8 + 1e-6
-  for got, want in zip(jax.tree.leaves((fused_g.params, fused_d.params)),
-                       jax.tree.leaves((single_g.params, single_d.params))):
-    assert float(np.max(np.abs(np.asarray(got) - np.asarray(want)))) <= bound
+  # The losses above check the data and keys.
+  _assert_params_within_adam_rounding((fused_g, fused_d), (single_g, single_d),
+                                      8)
 
 
 @pytest.mark.slow
