@@ -86,10 +86,11 @@ flags.DEFINE_integer('steps_per_epoch', None,
                      lower_bound=1)
 flags.DEFINE_integer('steps_per_call', 0,
                      'Train steps fused into one compiled call (lax.scan). 0: '
-                     'a whole epoch on accelerators, 1 on CPU, where an '
-                     'epoch takes minutes and one step per call keeps the '
-                     'progress bar, a stop and a resume step-exact (more '
-                     'train faster there too).',
+                     'a whole epoch on accelerators; on CPU, where an epoch '
+                     'takes minutes, calls of about 1,024 images (16 steps '
+                     'at batch 64), so the progress bar and Ctrl-C still '
+                     'answer within seconds. 1 is the slowest (on a 2-core '
+                     'CPU about 1.4x slower than 16).',
                      lower_bound=0)
 flags.DEFINE_integer('keep_checkpoints', 3, 'How many checkpoints to keep.',
                      lower_bound=1)
@@ -178,6 +179,11 @@ _GRID_SAMPLES = 64
 _STEPS_PER_EPOCH_KEYS = {'train': 'steps_per_epoch',
                          'discriminator': 'discriminator_steps_per_epoch'}
 _MAX_IN_FLIGHT = 2
+# On CPU a step takes a tenth of a second or more, so a whole epoch per call
+# would leave the progress bar and Ctrl-C waiting for minutes; calls of this
+# many images take a second or two there and train about 1.4x as fast as one
+# step per call (2-core CPU, batch 64: benchmarks/RESULTS.md).
+_CPU_IMAGES_PER_CALL = 1024
 # A diverged call's states are never saved or used: the run stops or rolls
 # back to its last checkpoint. So the loops only flag the bad step, which
 # spares the per-step select over every state array that 'freeze' costs.
@@ -495,10 +501,18 @@ def _epoch_record(phase: str, epoch: int, spe: int, metrics: dict,
           'steps_per_sec': steps_run / seconds, 'seconds': seconds}
 
 
-def _steps_per_call(steps_per_epoch: int) -> int:
+def _images_per_step(batch_size: int, run_key: jax.Array) -> int:
+  """Images a step of `batch_size` per seed reads over all seeds together."""
+  return batch_size * (run_key.shape[0] if run_key.ndim else 1)
+
+
+def _steps_per_call(steps_per_epoch: int, images_per_step: int) -> int:
+  """--steps_per_call, or its default for this backend (see the flag)."""
   if FLAGS.steps_per_call:
     return min(FLAGS.steps_per_call, steps_per_epoch)
-  return 1 if jax.default_backend() == 'cpu' else steps_per_epoch
+  if jax.default_backend() != 'cpu':
+    return steps_per_epoch
+  return max(1, min(steps_per_epoch, _CPU_IMAGES_PER_CALL // images_per_step))
 
 
 class _StopRequest:
@@ -995,7 +1009,8 @@ def train_phase(run: Run) -> None:
   noise_key = _stream(run_key, _SAMPLES)
   noise = jaxgan.sample_noise(noise_key[0] if noise_key.ndim else noise_key,
                               _GRID_SAMPLES, config.noise_dim)
-  chunk = _steps_per_call(spe)
+  chunk = _steps_per_call(spe, _images_per_step(
+      config.batch_size * config.n_critic, run_key))
   loss = config.gan_loss()
   # Every evaluation uses the same noise, so epochs compare like for like.
   eval_key = _stream(run_key, _EVAL)
@@ -1137,7 +1152,7 @@ def discriminator_phase(run: Run) -> None:
     print(f'The discriminator already trained {step // spe} epochs alone in '
           f'{run.workdir}; raise --num_epochs to train it more.')
     return
-  chunk = _steps_per_call(spe)
+  chunk = _steps_per_call(spe, _images_per_step(config.batch_size, run_key))
   loss = config.gan_loss()
   resumed = f', resuming at step {step}' if step % spe else ''
   print(f'Training the discriminator alone, epochs {step // spe + 1}..'

@@ -1,5 +1,6 @@
 """End to end: examples/mnist_dcgan.py on real MNIST, all three phases."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 import jaxgan
-from conftest import REPO, example_command, leaves_equal
+from conftest import EXAMPLE, REPO, example_command, leaves_equal
 
 def _run(*flags, check=True, prelude=''):
   """Runs the example in a fresh interpreter; returns the finished process."""
@@ -333,10 +334,10 @@ def test_readme_library_example_runs(tmp_path, mnist_data_dir):
 
 @pytest.mark.slow
 def test_fused_calls_train_like_one_step_per_call(tmp_path, mnist_data_dir):
-  """Several steps per call, the default on accelerators, against one per
-  call: the same steps, data, keys, checkpoints and records, losses and
-  states equal up to float32 rounding. Four steps an epoch in calls of
-  three are cut at the epoch's end: each epoch runs a call of 3, then 1."""
+  """Several steps per call, the default, against one per call: the same
+  steps, data, keys, checkpoints and records, losses and states equal up to
+  float32 rounding. Four steps an epoch in calls of three are cut at the
+  epoch's end: each epoch runs a call of 3, then 1."""
   def run(name, per_call):
     workdir = tmp_path / name
     result = _run(f'--workdir={workdir}', f'--data_dir={mnist_data_dir}',
@@ -367,6 +368,28 @@ def test_fused_calls_train_like_one_step_per_call(tmp_path, mnist_data_dir):
   # The losses above check the data and keys.
   _assert_params_within_adam_rounding((fused_g, fused_d), (single_g, single_d),
                                       8)
+
+
+def test_cpu_calls_hold_about_1024_images_unless_the_flag_says(tmp_path):
+  # pylint: disable=protected-access
+  spec = importlib.util.spec_from_file_location('mnist_dcgan_example',
+                                                EXAMPLE)
+  example = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(example)
+  example.FLAGS(['mnist_dcgan.py', f'--workdir={tmp_path}'])
+  assert jax.default_backend() == 'cpu'
+  steps_per_call = example._steps_per_call
+  assert steps_per_call(937, 64) == 16
+  assert steps_per_call(937, 256) == 4
+  assert steps_per_call(937, 1024) == steps_per_call(937, 4096) == 1
+  assert steps_per_call(6, 64) == 6  # Never more than an epoch.
+  # Four seeds of batch 64 read 256 images a step.
+  seeds = jax.vmap(jax.random.key)(np.arange(4))
+  assert example._images_per_step(64, seeds) == 256
+  assert example._images_per_step(64, jax.random.key(0)) == 64
+  example.FLAGS.steps_per_call = 5
+  assert steps_per_call(937, 64) == steps_per_call(937, 4096) == 5
+  assert steps_per_call(3, 64) == 3
 
 
 @pytest.mark.slow
