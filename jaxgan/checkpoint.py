@@ -24,14 +24,36 @@ from jaxgan.errors import CheckpointError
 from jaxgan.train import DiscriminatorState
 from jaxgan.train import GeneratorState
 
-_ITEMS = ('state_g', 'state_d', 'key', 'meta')
-
-
 _DIGEST = 'arrays_sha256'
 
 
 def _abstract(tree: Any) -> Any:
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _shapes(tree: Any) -> dict[str, str]:
+  """`{leaf path: shape}` of arrays or of orbax's array metadata.
+
+  Only shapes: orbax casts a saved array to the wanted dtype, but refuses
+  another shape or a missing array.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(path).replace("']['", '.').strip("[']"):
+          str(list(np.shape(leaf))) for path, leaf in flat}
+
+
+def _misfits(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+  """How the saved arrays' shapes differ from the wanted ones, parameters
+  first."""
+  misfits = []
+  for item, template in wanted.items():
+    have, want = _shapes(saved[item]), _shapes(template)
+    for path in sorted(have.keys() | want.keys(),
+                       key=lambda p: (not p.startswith('params'), p)):
+      if have.get(path) != want.get(path):
+        misfits.append(f'{item} {path}: saved {have.get(path, "absent")}, '
+                       f'here {want.get(path, "absent")}')
+  return misfits
 
 
 def _digest(tree: Any, meta: dict[str, Any]) -> str:
@@ -74,7 +96,12 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True,
             enable_async_checkpointing=async_save),
-        item_names=_ITEMS)
+        # Handlers named up front, so that a manager which has not saved
+        # yet can read the items' metadata.
+        item_handlers={'state_g': ocp.StandardCheckpointHandler(),
+                       'state_d': ocp.StandardCheckpointHandler(),
+                       'key': ocp.StandardCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     """The step of the newest complete checkpoint, or None."""
@@ -162,6 +189,19 @@ class Checkpointer:
     template_d = flax.serialization.to_state_dict(state_d)
     key_template = {'data': jax.random.key_data(
         jax.random.key(0) if key_template is None else key_template)}
+    wanted = {'state_g': template_g, 'state_d': template_d,
+              'key': key_template}
+    # Checked from the metadata first: orbax, refusing a shape only once it
+    # reads, leaves its other reads pending, and they print tracebacks later.
+    misfits = self._misfits(step, wanted)
+    if misfits:
+      count = ('1 array differs' if len(misfits) == 1 else
+               f'{len(misfits)} arrays differ')
+      raise CheckpointError(
+          f'Checkpoint {step} in {self.directory} does not fit this model and '
+          f'optimiser ({count}: ' + '; '.join(misfits[:3]) + ('; ...' if len(misfits) > 3 else '')
+          + '). If it was written with another config, use that config or '
+          'another workdir.')
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state_g=ocp.args.StandardRestore(_abstract(template_g)),
@@ -187,6 +227,16 @@ class Checkpointer:
     return (flax.serialization.from_state_dict(state_g, restored['state_g']),
             flax.serialization.from_state_dict(state_d, restored['state_d']),
             key, meta)
+
+  def _misfits(self, step: int, wanted: dict[str, Any]) -> list[str]:
+    """`_misfits` against checkpoint `step`'s metadata; none if unreadable
+    (restore then reports what it finds)."""
+    try:
+      metadata = self._manager.item_metadata(step)
+      saved = {item: metadata[item].tree for item in wanted}
+    except Exception:  # pylint: disable=broad-except
+      return []
+    return _misfits(saved, wanted)
 
   def set_aside(self, step: int, destination: str) -> str:
     """Moves a (damaged) checkpoint out of the directory, keeping its files.

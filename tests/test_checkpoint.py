@@ -1,10 +1,13 @@
 """Orbax checkpoints: round trip, resume, retention and mismatches."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jaxgan
@@ -63,8 +66,41 @@ def test_restore_into_another_model_is_refused(tmp_path, states):
   with jaxgan.Checkpointer(str(tmp_path)) as ckpt:
     ckpt.save(1, *states, jax.random.key(0), {})
     other = make_states(hidden_dim=64)
-    with pytest.raises(jaxgan.CheckpointError, match='does not fit'):
+    with pytest.raises(jaxgan.CheckpointError, match='does not fit') as error:
       ckpt.restore(*other)
+    # Parameters first; the Adam moments that follow them are counted.
+    assert ('17 arrays differ: state_g params.BatchNorm_0.bias: saved '
+            '[128], here [64]') in str(error.value)
+    with pytest.raises(jaxgan.CheckpointError,
+                       match=r'1 array differs: key data: saved \[2\], '
+                             r'here \[3, 2\]'):
+      ckpt.restore(*states, key_template=jax.vmap(jax.random.key)(
+          jnp.arange(3)))
+    sgd = make_states(optimizer=optax.sgd(1e-3))
+    with pytest.raises(jaxgan.CheckpointError,
+                       match=r'opt_state\.0\.mu\..*: saved \[.*\], here absent'):
+      ckpt.restore(*sgd)
+
+
+def test_refused_restore_leaves_nothing_behind(tmp_path, states):
+  """A refused restore prints nothing more, even when the process exits."""
+  with jaxgan.Checkpointer(str(tmp_path)) as ckpt:
+    ckpt.save(1, *states, jax.random.key(0), {})
+  code = f"""
+import jax, jaxgan
+from conftest import make_states
+with jaxgan.Checkpointer({str(tmp_path)!r}) as ckpt:
+  try:
+    ckpt.restore(*make_states(hidden_dim=64))
+  except jaxgan.CheckpointError:
+    print('refused')
+"""
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                          text=True, timeout=300, cwd=os.path.dirname(__file__))
+  assert result.returncode == 0, result.stderr
+  assert result.stdout == 'refused\n'
+  assert 'Traceback' not in result.stderr and 'never awaited' not in (
+      result.stderr)
 
 
 def test_missing_checkpoint_is_reported(tmp_path, states):
