@@ -42,7 +42,8 @@ def _shapes(tree: Any) -> dict[str, str]:
           str(list(np.shape(leaf))) for path, leaf in flat}
 
 
-def _misfits(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+def _shape_misfits(saved: dict[str, Any], wanted: dict[str, Any]
+                   ) -> list[str]:
   """How the saved arrays' shapes differ from the wanted ones, parameters
   first."""
   misfits = []
@@ -199,7 +200,8 @@ class Checkpointer:
                f'{len(misfits)} arrays differ')
       raise CheckpointError(
           f'Checkpoint {step} in {self.directory} does not fit this model and '
-          f'optimiser ({count}: ' + '; '.join(misfits[:3]) + ('; ...' if len(misfits) > 3 else '')
+          f'optimiser ({count}: ' + '; '.join(misfits[:3])
+          + ('; ...' if len(misfits) > 3 else '')
           + '). If it was written with another config, use that config or '
           'another workdir.')
     try:
@@ -229,14 +231,14 @@ class Checkpointer:
             key, meta)
 
   def _misfits(self, step: int, wanted: dict[str, Any]) -> list[str]:
-    """`_misfits` against checkpoint `step`'s metadata; none if unreadable
-    (restore then reports what it finds)."""
+    """`_shape_misfits` against checkpoint `step`'s metadata; none if it is
+    unreadable (restore then reports what it finds)."""
     try:
       metadata = self._manager.item_metadata(step)
       saved = {item: metadata[item].tree for item in wanted}
     except Exception:  # pylint: disable=broad-except
       return []
-    return _misfits(saved, wanted)
+    return _shape_misfits(saved, wanted)
 
   def set_aside(self, step: int, destination: str) -> str:
     """Moves a (damaged) checkpoint out of the directory, keeping its files.
