@@ -78,7 +78,8 @@ def test_restore_into_another_model_is_refused(tmp_path, states):
           jnp.arange(3)))
     sgd = make_states(optimizer=optax.sgd(1e-3))
     with pytest.raises(jaxgan.CheckpointError,
-                       match=r'opt_state\.0\.mu\..*: saved \[.*\], here absent'):
+                       match=r'opt_state\.0\.mu\..*: saved \[.*\], '
+                             r'here absent'):
       ckpt.restore(*sgd)
 
 
