@@ -9,6 +9,9 @@ than the wall time is waiting on launches or the host, not computing.
 
   python benchmarks/profile_step.py --batch_size=64 --steps=100 --json=/tmp/profile.json
 
+--compute_dtype and --conv_kernel_grad choose the models' settings, as in
+`train_step.py`, to see where a variant's time goes.
+
 The trace itself stays in --trace_dir (default: a temporary folder), readable
 with TensorBoard's profile plugin or https://ui.perfetto.dev.
 """
@@ -90,6 +93,12 @@ def main():
   parser.add_argument('--timelines', type=int, default=4,
                       help='timelines printed: the devices\' first, '
                            'then the busiest')
+  parser.add_argument('--compute_dtype', default='float32',
+                      choices=('float32', 'bfloat16'),
+                      help='the models\' computation dtype')
+  parser.add_argument('--conv_kernel_grad', default='auto',
+                      choices=jaxgan.models.KERNEL_GRADS,
+                      help='how the convolutions are computed')
   parser.add_argument('--trace_dir', default=None)
   parser.add_argument('--json', default=None, help='write the summary here')
   args = parser.parse_args()
@@ -97,7 +106,9 @@ def main():
     parser.error('--batch_size, --steps, --top and --timelines must be '
                  'positive')
 
-  config = jaxgan.DCGANConfig(batch_size=args.batch_size)
+  config = jaxgan.DCGANConfig(batch_size=args.batch_size,
+                              compute_dtype=args.compute_dtype,
+                              conv_kernel_grad=args.conv_kernel_grad)
   state_g, state_d = config.create_train_states(jax.random.key(0))
   images = jax.device_put(np.random.default_rng(0).integers(
       0, 256, (max(60000, args.batch_size), 28, 28, 1), dtype=np.uint8))
@@ -133,11 +144,14 @@ def main():
   device = jax.devices()[0]
   report = {'device': device.device_kind, 'jax': jax.__version__,
             'batch_size': args.batch_size, 'steps': args.steps,
+            'compute_dtype': args.compute_dtype,
+            'conv_kernel_grad': args.conv_kernel_grad,
             'wall_us_per_step_untraced': untraced / args.steps * 1e6,
             'wall_us_per_step_traced': traced / args.steps * 1e6,
             'trace': files[-1], 'timelines': timelines}
   print(f'{device.device_kind}, jax {jax.__version__}, batch '
-        f'{args.batch_size}: {report["wall_us_per_step_untraced"]:.0f} µs per '
+        f'{args.batch_size}, {args.compute_dtype}, conv_kernel_grad='
+        f'{args.conv_kernel_grad}: {report["wall_us_per_step_untraced"]:.0f} µs per '
         f'fused step untraced, {report["wall_us_per_step_traced"]:.0f} traced')
   # Device timelines first: on a GPU the host's threads can be busier than
   # its compute stream, which is what the step is waiting on.

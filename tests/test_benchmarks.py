@@ -233,6 +233,8 @@ def test_profile_benchmark_traces_the_fused_loop(device_check):
   assert 'µs per step' in _part_output(device_check, 'profile')
   report = _part_json(device_check, 'profile')
   assert report['wall_us_per_step_untraced'] > 0
+  assert (report['compute_dtype'], report['conv_kernel_grad']) == (
+      'float32', 'auto')
   # Written where the check's --trace_dir (a folder named trace) says.
   assert f'{os.sep}trace{os.sep}' in report['trace']
   assert report['trace'].endswith('.trace.json.gz')
