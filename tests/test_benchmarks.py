@@ -316,6 +316,38 @@ def test_train_step_benchmark_rejects_bad_flags():
   assert 'comma-separated integers' in result.stderr
 
 
+def test_matmul_forms_benchmark_times_every_form_and_dtype(tmp_path):
+  out = tmp_path / 'forms.json'
+  stdout = _run('matmul_forms.py', '--shapes=48x40x24,16x8x32', '--trials=2',
+                '--repeats=1', f'--json={out}')
+  assert 'bfloat16_f32_accumulation' in stdout
+  rows = json.loads(out.read_text())['results']
+  assert {(r['m'], r['k'], r['n'], r['form'], r['dtype']) for r in rows} == {
+      (*shape, form, dtype) for shape in ((48, 40, 24), (16, 8, 32))
+      for form in ('NN', 'NT', 'TN')
+      for dtype in ('float32', 'bfloat16_f32_accumulation',
+                    'bfloat16_result')}
+  for row in rows:
+    assert len(row['gflops_per_sec_trials']) == 2
+    assert row['gflops_per_sec'] > 0
+
+
+def test_matmul_forms_products_agree_with_numpy():
+  forms = _benchmark_module('matmul_forms')
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  for form, expected in (('NN', lambda a, b: a @ b),
+                         ('NT', lambda a, b: a @ b.T),
+                         ('TN', lambda a, b: a.T @ b)):
+    a, b = forms.operands(form, 6, 5, 4, jnp.float32)
+    result = forms.product(form, jnp.float32)(a, b)
+    assert result.shape == {'NN': (6, 4), 'NT': (6, 5), 'TN': (5, 4)}[form]
+    np.testing.assert_allclose(result, expected(np.asarray(a), np.asarray(b)),
+                               rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='MxKxN'):
+    forms.parse_shapes('3136x1600')
+
+
 @pytest.mark.slow
 def test_scaling_benchmark_on_two_simulated_devices(tmp_path):
   out = tmp_path / 'scaling.json'
