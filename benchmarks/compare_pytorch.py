@@ -13,6 +13,11 @@ of a jaxgan step made only of its matrix products and convolutions, each timed
 alone (`train_step.contractions_alone`): about the most that making the rest
 of the step cheaper could give.
 
+With --bfloat16 both also run in mixed precision, timed in turn with the
+others: jaxgan's fused loop with `compute_dtype='bfloat16'` and PyTorch eager
+under `torch.autocast(dtype=torch.bfloat16)`, each library's own way of
+computing in bfloat16 while keeping float32 parameters.
+
   python benchmarks/compare_pytorch.py --batch_size=64 --trials=5 --json=/tmp/cmp.json
 """
 
@@ -55,8 +60,12 @@ def torch_dcgan(torch, device):
   return Generator().to(device), discriminator.to(device)
 
 
-def torch_runner(batch_size, steps, images_u8, use_compile):
-  """`(run, device, version)`: `run()` does `steps` PyTorch steps, warmed up."""
+def torch_runner(batch_size, steps, images_u8, use_compile, autocast=False):
+  """`(run, device, version)`: `run()` does `steps` PyTorch steps, warmed up.
+
+  With `autocast`, each step runs under `torch.autocast` in bfloat16.
+  """
+  import contextlib  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   if device.type == 'cuda':
@@ -79,17 +88,27 @@ def torch_runner(batch_size, steps, images_u8, use_compile):
   ones = torch.ones(batch_size, 1, device=device)
   zeros = torch.zeros(batch_size, 1, device=device)
 
+  def forward():
+    # Autocast covers the forward passes and losses; PyTorch runs each
+    # backward pass in the dtypes its forward pass chose.
+    if autocast:
+      return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
   def step(real_u8):
     real = real_u8.float() / 127.5 - 1.0
     z = torch.rand(batch_size, 100, device=device) * 2 - 1
-    fake = generator(z)
+    with forward():
+      fake = generator(z)
     opt_d.zero_grad(set_to_none=True)
-    d_loss = bce(discriminator(real), ones) + bce(discriminator(fake.detach()),
-                                                  zeros)
+    with forward():
+      d_loss = bce(discriminator(real), ones) + bce(
+          discriminator(fake.detach()), zeros)
     d_loss.backward()
     opt_d.step()
     opt_g.zero_grad(set_to_none=True)
-    g_loss = bce(discriminator(fake), ones)
+    with forward():
+      g_loss = bce(discriminator(fake), ones)
     g_loss.backward()
     opt_g.step()
     return d_loss, g_loss
@@ -111,7 +130,7 @@ def torch_runner(batch_size, steps, images_u8, use_compile):
   return run, str(device), torch.__version__
 
 
-def jax_runners(batch_size, steps, images_u8):
+def jax_runners(batch_size, steps, images_u8, compute_dtype='float32'):
   """jaxgan's two ways to run `steps` steps, warmed up, and what they run.
 
   Returns:
@@ -123,7 +142,8 @@ def jax_runners(batch_size, steps, images_u8):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import jaxgan  # pylint: disable=g-import-not-at-top
   import train_step as train_step_benchmark  # pylint: disable=g-import-not-at-top
-  config = jaxgan.DCGANConfig(batch_size=batch_size)
+  config = jaxgan.DCGANConfig(batch_size=batch_size,
+                              compute_dtype=compute_dtype)
   state = list(config.create_train_states(jax.random.key(0)))
   images = jax.device_put(jnp.asarray(images_u8))
   num_batches = len(images) // batch_size
@@ -164,6 +184,8 @@ def main():
   parser.add_argument('--trials', type=int, default=5)
   parser.add_argument('--no_compile', action='store_true',
                       help='skip torch.compile')
+  parser.add_argument('--bfloat16', action='store_true',
+                      help='also time both in mixed bfloat16 precision')
   parser.add_argument('--json', default=None, help='write results here')
   args = parser.parse_args()
   if min(args.batch_size, args.steps, args.trials) < 1:
@@ -186,6 +208,12 @@ def main():
   runs = {'step': run_steps, 'fused': run_fused}
   runs['eager'], torch_device, torch_version = torch_runner(
       args.batch_size, args.steps, images, use_compile=False)
+  if args.bfloat16:
+    _, runs['fused_bfloat16'], _, _, _ = jax_runners(
+        args.batch_size, args.steps, images, compute_dtype='bfloat16')
+    runs['eager_bfloat16'], _, _ = torch_runner(
+        args.batch_size, args.steps, images, use_compile=False,
+        autocast=True)
   rates = interleaved_rates(runs, args.steps, args.trials)
   (step_rate, step_all), (fused_rate, fused_all) = rates['step'], rates['fused']
   eager_rate, eager_all = rates['eager']
@@ -218,6 +246,14 @@ def main():
     report['pytorch']['trials_compile'] = compiled_all
   elif compile_error:
     report['pytorch']['compile_error'] = compile_error
+  if args.bfloat16:
+    jax_bf16, report['jaxgan']['trials_fused_bfloat16'] = (
+        rates['fused_bfloat16'])
+    torch_bf16, report['pytorch']['trials_eager_bfloat16'] = (
+        rates['eager_bfloat16'])
+    report['jaxgan']['fused_bfloat16_steps_per_sec'] = jax_bf16
+    report['pytorch']['eager_bfloat16_steps_per_sec'] = torch_bf16
+    report['ratio_bfloat16_jaxgan_over_eager'] = jax_bf16 / torch_bf16
 
   best_jax = max(step_rate, fused_rate)
   report['ratio_jaxgan_over_eager'] = best_jax / eager_rate
@@ -242,6 +278,10 @@ def main():
   if compiled_rate:
     print(f'  jaxgan (best) / torch.compile = '
           f'{report["ratio_jaxgan_over_compile"]:.2f}')
+  if args.bfloat16:
+    print(f'  bfloat16: jaxgan train_loop {jax_bf16:.2f} steps/s, PyTorch '
+          f'eager (autocast) {torch_bf16:.2f} steps/s, ratio '
+          f'{report["ratio_bfloat16_jaxgan_over_eager"]:.2f}')
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(report, f, indent=2)

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # One accelerator check, most important first: the train step at batch
 # 64/256/1024 on synthetic and real data, the full 20-epoch MNIST run as the
-# example runs by default (timed twice: compiling every program, then
-# loading them from the compilation cache the first run filled), the
-# PyTorch comparison (eager), the train step under each convolution
-# implementation and compute dtype, the divergence guard's cost, the
-# per-layer benchmark, a profile of the fused loop and, last because its
+# example runs by default (timed twice: compiling every program, then loading
+# them from the compilation cache the first run filled), the PyTorch
+# comparison (eager, float32 and bfloat16), the train step under each
+# convolution implementation and compute dtype, the divergence guard's cost,
+# the per-layer benchmark, a profile of the fused loop and, last because its
 # compile time has no bound and it can fail, the comparison with
 # torch.compile. Everything (JSON, text, sample grids) lands in one archive,
-# $OUT/device_check.tar.gz (OUT defaults to /tmp/device_check), replaced
-# whole after each part, so an interrupted check keeps what it finished.
+# $OUT/device_check.tar.gz (OUT defaults to /tmp/device_check), replaced whole
+# after each part, so an interrupted check keeps what it finished.
 #
 # The machine needs jax with its accelerator plugin, flax, optax,
 # orbax-checkpoint and, for the comparison, torch. For a machine without a
@@ -55,7 +55,7 @@ if [ -n "${DEVICE_CHECK_QUICK:-}" ]; then
   TRAIN_STEP=(--batch_sizes=8 --trials=2 --steps=2 --fused_steps=3)
   RUN=(--num_epochs=1 --steps_per_epoch=2 --eval_samples=500
        --num_test_samples=500)
-  COMPARE=(--batch_size=8 --steps=2 --trials=1 --no_compile)
+  COMPARE=(--batch_size=8 --steps=2 --trials=1 --no_compile --bfloat16)
   COMPILE=(--batch_size=8 --steps=2 --trials=1)
   GUARD=(--batch_size=8 --steps=2 --trials=1)
   LAYERS=(--batch_size=2 --trials=1)
@@ -67,7 +67,7 @@ else
   TRAIN_STEP=(--batch_sizes=64,256,1024 --trials=5 --steps=50
               --fused_steps=300)
   RUN=()
-  COMPARE=(--batch_size=64 --steps=200 --trials=5 --no_compile)
+  COMPARE=(--batch_size=64 --steps=200 --trials=5 --no_compile --bfloat16)
   COMPILE=(--batch_size=64 --steps=200 --trials=3)
   GUARD=(--batch_size=64 --steps=200 --trials=5)
   LAYERS=(--trials=7)

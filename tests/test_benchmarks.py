@@ -200,6 +200,12 @@ def test_compare_pytorch_runs_with_or_without_torch(device_check):
   assert report['ratio_contractions_alone_over_eager'] == pytest.approx(
       report['jaxgan']['contractions_alone_steps_per_sec']
       / report['pytorch']['eager_steps_per_sec'])
+  # The check asks for the mixed-precision pair as well (--bfloat16).
+  assert 'bfloat16: jaxgan train_loop' in stdout
+  assert report['ratio_bfloat16_jaxgan_over_eager'] == pytest.approx(
+      report['jaxgan']['fused_bfloat16_steps_per_sec']
+      / report['pytorch']['eager_bfloat16_steps_per_sec'])
+  assert len(report['pytorch']['trials_eager_bfloat16']) == report['trials']
 
 
 @pytest.mark.slow
