@@ -130,8 +130,13 @@ def torch_runner(batch_size, steps, images_u8, use_compile, autocast=False):
   return run, str(device), torch.__version__
 
 
-def jax_runners(batch_size, steps, images_u8, compute_dtype='float32'):
+def jax_runners(batch_size, steps, images_u8, compute_dtype='float32',
+                per_step=True):
   """jaxgan's two ways to run `steps` steps, warmed up, and what they run.
+
+  Args:
+    per_step: also compile the one-call-per-step loop; without it
+      `run_steps` is None.
 
   Returns:
     `(run_steps, run_fused, contractions_alone, device, version)`, where
@@ -165,7 +170,10 @@ def jax_runners(batch_size, steps, images_u8, compute_dtype='float32'):
     jax.block_until_ready(metrics)
     state[:] = [g, d]
 
-  run_steps()  # Warm-up and compilation.
+  if per_step:
+    run_steps()  # Warm-up and compilation.
+  else:
+    run_steps = None
   run_fused()
 
   def contractions_alone(trials):
@@ -210,7 +218,8 @@ def main():
       args.batch_size, args.steps, images, use_compile=False)
   if args.bfloat16:
     _, runs['fused_bfloat16'], _, _, _ = jax_runners(
-        args.batch_size, args.steps, images, compute_dtype='bfloat16')
+        args.batch_size, args.steps, images, compute_dtype='bfloat16',
+        per_step=False)
     runs['eager_bfloat16'], _, _ = torch_runner(
         args.batch_size, args.steps, images, use_compile=False,
         autocast=True)
