@@ -151,8 +151,9 @@ def main():
             'trace': files[-1], 'timelines': timelines}
   print(f'{device.device_kind}, jax {jax.__version__}, batch '
         f'{args.batch_size}, {args.compute_dtype}, conv_kernel_grad='
-        f'{args.conv_kernel_grad}: {report["wall_us_per_step_untraced"]:.0f} µs per '
-        f'fused step untraced, {report["wall_us_per_step_traced"]:.0f} traced')
+        f'{args.conv_kernel_grad}: '
+        f'{report["wall_us_per_step_untraced"]:.0f} µs per fused step '
+        f'untraced, {report["wall_us_per_step_traced"]:.0f} traced')
   # Device timelines first: on a GPU the host's threads can be busier than
   # its compute stream, which is what the step is waiting on.
   printed = sorted(timelines,
