@@ -20,11 +20,12 @@ import argparse
 import json
 import platform
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from timing import interleaved_rates
 
 # (M, K, N): patches [M, K], kernel [K, N].
 DEFAULT_SHAPES = '3136x1600x128,3136x1152x256,2048x2048x2048'
@@ -76,18 +77,17 @@ def measure(shapes, trials: int, repeats: int) -> list[dict]:
         args = operands(form, m, k, n, operand_dtype)
         fn = product(form, result_dtype)
         jax.block_until_ready(fn(*args))  # Compiles.
-        runs[(form, name)] = (fn, args)
-    times = {setting: [] for setting in runs}
-    for _ in range(trials):
-      for setting, (fn, args) in runs.items():
-        start = time.perf_counter()
-        for _ in range(repeats):
-          out = fn(*args)
-        jax.block_until_ready(out)
-        times[setting].append((time.perf_counter() - start) / repeats)
-    flops = 2 * m * k * n
-    for (form, name), seconds in times.items():
-      rates = [flops / s / 1e9 for s in seconds]
+
+        def run(fn=fn, args=args):
+          for _ in range(repeats):
+            out = fn(*args)
+          jax.block_until_ready(out)
+
+        runs[(form, name)] = run
+    gflops = 2 * m * k * n / 1e9
+    for (form, name), (_, per_trial) in interleaved_rates(
+        runs, repeats, trials).items():
+      rates = [products_per_sec * gflops for products_per_sec in per_trial]
       rows.append({'m': m, 'k': k, 'n': n, 'form': form, 'dtype': name,
                    'gflops_per_sec': statistics.median(rates),
                    'gflops_per_sec_trials': rates})
