@@ -4,7 +4,8 @@
 # example runs by default (timed twice: compiling every program, then loading
 # them from the compilation cache the first run filled), the PyTorch
 # comparison (eager, float32 and bfloat16), the train step under each
-# convolution implementation and compute dtype, the divergence guard's cost,
+# convolution implementation and compute dtype, the fused loop under XLA
+# flags and scan unrolls (one process each), the divergence guard's cost,
 # the per-layer benchmark, a profile of the fused loop and, last because its
 # compile time has no bound and it can fail, the comparison with
 # torch.compile. Everything (JSON, text, sample grids) lands in one archive,
@@ -22,8 +23,8 @@
 #   DEVICE_CHECK_PARTS=compare_pytorch,layers bash benchmarks/device_check.sh
 #
 # The parts: environment, train_step, full_run, full_run_warm,
-# compare_pytorch, conv_variants, divergence_guard, layers, profile,
-# torch_compile.
+# compare_pytorch, conv_variants, loop_variants, divergence_guard, layers,
+# profile, torch_compile.
 # DEVICE_CHECK_PARTS runs only the named ones (to finish a check that was
 # cut short); each part's wall time is in timings.txt. PYTHON picks the
 # interpreter (default python3). The exit status is 1 if any part failed or
@@ -63,6 +64,9 @@ if [ -n "${DEVICE_CHECK_QUICK:-}" ]; then
   VARIANTS=(--batch_sizes=8 --conv_kernel_grad=xla,im2col
             --compute_dtype=float32,bfloat16 --trials=1 --steps=1
             --fused_steps=1)
+  LOOP_GRAPHS='--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL'
+  LOOP=(--batch_size=8 --fused_steps=2 --trials=1
+        --variant="unroll_2_loop_graphs:2:$LOOP_GRAPHS")
 else
   TRAIN_STEP=(--batch_sizes=64,256,1024 --trials=5 --steps=50
               --fused_steps=300)
@@ -75,10 +79,12 @@ else
   VARIANTS=(--batch_sizes=64 --conv_kernel_grad=auto,xla,im2col
             --compute_dtype=float32,bfloat16 --trials=3 --steps=50
             --fused_steps=300)
+  LOOP=(--batch_size=64 --fused_steps=300 --trials=3)
 fi
 
 PARTS=(environment train_step full_run full_run_warm compare_pytorch
-       conv_variants divergence_guard layers profile torch_compile)
+       conv_variants loop_variants divergence_guard layers profile
+       torch_compile)
 FAILED=()
 parts_asked="${DEVICE_CHECK_PARTS:-}"
 for name in ${parts_asked//,/ }; do
@@ -172,6 +178,8 @@ part compare_pytorch "$PYTHON" benchmarks/compare_pytorch.py "${COMPARE[@]}" \
   --json="$RESULTS/compare_pytorch.json"
 part conv_variants "$PYTHON" benchmarks/train_step.py "${VARIANTS[@]}" \
   --no_contractions --json="$RESULTS/conv_variants.json"
+part loop_variants "$PYTHON" benchmarks/loop_variants.py "${LOOP[@]}" \
+  --json="$RESULTS/loop_variants.json"
 part divergence_guard "$PYTHON" benchmarks/divergence_guard.py "${GUARD[@]}" \
   --json="$RESULTS/divergence_guard.json"
 part layers "$PYTHON" benchmarks/layers.py "${LAYERS[@]}" \
