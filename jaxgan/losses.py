@@ -56,6 +56,24 @@ class GANLoss(NamedTuple):
   penalty: Penalty | None = None
   n_critic: int = 1
 
+  def validate(self) -> 'GANLoss':
+    """Returns self; raises ValueError naming a bad penalty or n_critic.
+
+    The jitted steps call it while tracing, so a misspelt penalty or a
+    non-positive `n_critic` fails at once instead of training on something
+    else.
+    """
+    if (not isinstance(self.n_critic, int) or isinstance(self.n_critic, bool)
+        or self.n_critic < 1):
+      raise ValueError(f'n_critic (D updates per G update) must be a '
+                       f'positive integer, got {self.n_critic!r}.')
+    if self.penalty is not None:
+      if not isinstance(self.penalty, Penalty):
+        raise ValueError(f'penalty must be a jaxgan.penalties.Penalty or '
+                         f'None, got {self.penalty!r}.')
+      self.penalty.validate()
+    return self
+
 
 def non_saturating_discriminator_loss(
     logits_real: jax.Array, logits_fake: jax.Array) -> jax.Array:

@@ -91,6 +91,8 @@ class Penalty(NamedTuple):
   every: int = 1
 
   def validate(self) -> 'Penalty':
+    """Returns self; raises ValueError for an unknown name, a weight that
+    is not positive or an interval that is not a positive integer."""
     if self.name not in PENALTIES:
       raise ValueError(f'Unknown penalty {self.name!r}; choose one of '
                        f'{PENALTIES}.')
@@ -107,6 +109,8 @@ class Penalty(NamedTuple):
                fake: jax.Array, key: jax.Array,
                step: jax.Array) -> jax.Array:
     """The weighted penalty for D step `step` (0 on skipped lazy steps)."""
+    self.validate()  # While tracing: an unknown name must not fall to R1.
+
     def compute():
       if self.name == 'gradient_penalty':
         value = gradient_penalty(discriminator_fn, real, fake, key)

@@ -206,6 +206,9 @@ def to_float_images(images: jax.typing.ArrayLike,
         f'Expected a batch of images of shape [B, {", ".join(map(str, image_shape))}]'
         f', got {tuple(images.shape)}. MNIST rows of 784 pixels must be '
         f'reshaped with images.reshape(-1, 28, 28, 1).')
+  if images.shape[0] < 1:
+    raise ValueError('The batch holds no images; a step needs at least one '
+                     '(BatchNorm normalises over the batch).')
   if images.dtype == jnp.uint8:
     return images.astype(jnp.float32) / 127.5 - 1.0
   if not jnp.issubdtype(images.dtype, jnp.floating):
@@ -353,6 +356,7 @@ def _critic_keys(key, n_critic):
 def _train_step(state_g: GeneratorState, state_d: DiscriminatorState,
                 batch: jax.Array, key: jax.Array,
                 loss: losses_lib.GANLoss = losses_lib.NON_SATURATING):
+  loss.validate()
   reals, real_labels = _split_critic_batches(batch, state_d, loss.n_critic)
   batch_size = reals.shape[1]
   penalty_keys, noise_keys = _critic_keys(key, loss.n_critic)
@@ -446,6 +450,7 @@ def train_step(state_g: GeneratorState, state_d: DiscriminatorState,
 
 def _discriminator_step(state_g, state_d, batch, key,
                         loss=losses_lib.NON_SATURATING):
+  loss.validate()
   real, labels = split_batch(batch, state_d.num_classes, state_d.image_shape)
   z = sample_noise(key, real.shape[0], state_g.noise_dim)
   fake_labels = _fake_labels(state_g, key, real.shape[0])
@@ -469,7 +474,8 @@ def discriminator_step(state_g: GeneratorState, state_d: DiscriminatorState,
     state_g: generator state (read only, not donated).
     state_d: discriminator state (consumed).
     batch: real images, as for `train_step`.
-    key: PRNG key for the generator noise.
+    key: PRNG key of the step: the generator's noise (and labels), and,
+      through `fold_in`, the penalty's randomness.
     loss: the GAN loss pair; only its discriminator half is used.
 
   Returns:
@@ -583,6 +589,10 @@ def _scan_steps(step_fn, carry, images, key, first_step, num_steps,
         f'{num_shards}; drop the remainder of the dataset '
         f'(jaxgan.parallel.shard_dataset does) and pick a batch size that '
         f'divides evenly.')
+  if num_examples < batch_size:
+    raise ValueError(
+        f'The dataset holds {num_examples} images, fewer than one step takes '
+        f'({batch_size}); pass more images or a smaller batch_size.')
   if steps_per_epoch is None:
     steps_per_epoch = num_examples // batch_size
   if not 1 <= steps_per_epoch <= num_examples // batch_size:
@@ -687,9 +697,10 @@ def train_loop(state_g: GeneratorState, state_d: DiscriminatorState,
     steps_per_epoch: steps per epoch, at most `N // (batch_size * n_critic)`
       (the default): the remainder of each shuffled epoch is dropped.
     loss: the GAN objective (static).
-    unroll: `lax.scan`'s unroll (static). XLA:CPU compiles convolution
-      gradients inside loop bodies several times slower than outside them,
-      so on CPU prefer `num_steps=1`, which compiles without a loop.
+    unroll: `lax.scan`'s unroll (static); `benchmarks/loop_variants.py`
+      measures what it buys. XLA's own convolution gradients run several
+      times slower inside loop bodies on CPU, which the models'
+      `conv_kernel_grad='auto'` avoids.
     num_shards: data-parallel shards the dataset is split into (static);
       see `epoch_permutation`. `jaxgan.parallel` sets it to the mesh size.
     guard: 'freeze' (keep the last finite states: a select per state array
@@ -702,6 +713,8 @@ def train_loop(state_g: GeneratorState, state_d: DiscriminatorState,
     arrays `d_loss`, `g_loss`, `d_real`, `d_fake` and the bool `finite`
     (False from the first diverged step on).
   """
+
+  loss.validate()  # Before n_critic sizes the batches.
 
   def step_fn(carry, batch, step_key):
     state_g, state_d = carry
@@ -774,8 +787,8 @@ def stack_seeds(trees: Any) -> Any:
   """
   trees = list(trees)
   treedef = jax.tree.structure(trees[0])
-  # By leaves, not tree.map: each config call builds its own (equal but not
-  # identical) optimiser, a static field that tree.map would compare.
+  # By leaves, not tree.map: the states' static fields (apply_fn, the
+  # optimiser) come from the first tree, whatever the others hold.
   leaves = [jax.tree.leaves(tree) for tree in trees]
   if any(len(l) != len(leaves[0]) for l in leaves):
     raise ValueError('stack_seeds needs trees of one structure (states of '
@@ -785,7 +798,15 @@ def stack_seeds(trees: Any) -> Any:
 
 
 def seed_slice(tree: Any, index: int) -> Any:
-  """The run `index` of a pytree stacked by `stack_seeds`."""
+  """The run `index` of a pytree stacked by `stack_seeds`.
+
+  Args:
+    tree: a pytree whose arrays are `[num_seeds, ...]`.
+    index: which run, in `[0, num_seeds)`.
+
+  Returns:
+    The same pytree with arrays `[...]`: that run's states (or keys).
+  """
   return jax.tree.map(lambda leaf: leaf[index], tree)
 
 
@@ -846,6 +867,15 @@ def discriminator_loop_seeds(
 ) -> tuple[DiscriminatorState, Metrics]:
   """`discriminator_loop` for several runs at once (see `train_loop_seeds`).
 
+  Args:
+    state_g: generator states stacked by `stack_seeds` (read only).
+    state_d: discriminator states stacked the same way (consumed).
+    images: the shared dataset, as for `train_loop`.
+    keys: the runs' loop keys of the phase, `[num_seeds]`.
+    first_step: index of the first step of this call within the phase.
+    num_steps, batch_size, steps_per_epoch, loss, unroll, num_shards, guard:
+      as for `discriminator_loop` (static).
+
   Returns:
     `(state_d, metrics)` with metrics `[num_seeds, num_steps]`.
   """
@@ -862,6 +892,12 @@ def discriminator_loop_seeds(
 def sample_seeds(state_g: GeneratorState, key: jax.Array, num: int,
                  use_ema: bool = True) -> jax.Array:
   """`sample` from every run of stacked generator states, same noise.
+
+  Args:
+    state_g: generator states stacked by `stack_seeds` (not modified).
+    key: PRNG key of the noise (and labels) all runs share.
+    num: images per run (static).
+    use_ema: use each run's EMA of G's parameters when kept (static).
 
   Returns:
     `[num_seeds, num, 28, 28, 1]` float32 in [-1, 1].
@@ -889,6 +925,9 @@ def sample(state_g: GeneratorState, key: jax.Array, num: int,
   Returns:
     `[num, 28, 28, 1]` float32 in [-1, 1].
   """
+  if not isinstance(num, int) or isinstance(num, bool) or num < 1:
+    raise ValueError(f'num (images to sample) must be a positive integer, '
+                     f'got {num!r}.')
   if labels is None:
     labels = _fake_labels(state_g, key, num)
   return generate(state_g, sample_noise(key, num, state_g.noise_dim), labels,

@@ -152,6 +152,33 @@ def _states(seed=0, **fields):
   return config, config.create_train_states(jax.random.key(seed))
 
 
+@pytest.mark.parametrize('change, message', [
+    (dict(penalty=penalties.Penalty('gradient_penality', 10.0)),
+     'Unknown penalty'),
+    (dict(penalty=penalties.Penalty('r1', -10.0)), 'weight must be positive'),
+    (dict(penalty=penalties.Penalty('r1', 10.0, every=0)), 'interval'),
+    (dict(penalty='r1'), 'must be a jaxgan.penalties.Penalty'),
+    (dict(n_critic=0), 'n_critic'),
+    (dict(n_critic=-1), 'n_critic'),
+])
+def test_steps_refuse_a_bad_objective_built_by_hand(change, message):
+  """A GANLoss made with `_replace` skips DCGANConfig's checks; the steps
+  check it while tracing instead of training on something else."""
+  _, (g, d) = _states()
+  loss = losses.get_loss('wasserstein')._replace(**change)
+  batch, key = _real(8), jax.random.key(1)
+  with pytest.raises(ValueError, match=message):
+    jaxgan.train_step(g, d, batch, key, loss=loss)
+  with pytest.raises(ValueError, match=message):
+    jaxgan.discriminator_step(g, d, batch, key, loss=loss)
+  with pytest.raises(ValueError, match=message):
+    jaxgan.train_loop(g, d, _real(16), key, num_steps=1, batch_size=8,
+                      loss=loss)
+  # Nothing was consumed: the states still train.
+  _, _, metrics = jaxgan.train_step(*copy_tree((g, d)), batch, key)
+  assert np.isfinite(float(metrics['d_loss']))
+
+
 def _real(num, seed=0):
   return jax.random.randint(jax.random.key(seed), (num, 28, 28, 1), 0, 256
                             ).astype(jnp.uint8)

@@ -151,6 +151,7 @@ def test_uint8_batches_are_rescaled_to_minus_one_one(sgd_states):
     ((64, 28, 28), jnp.float32, r'\[B, 28, 28, 1\]'),
     ((64, 14, 14, 1), jnp.float32, r'\(64, 14, 14, 1\)'),
     ((64, 28, 28, 1), jnp.int32, 'dtype int32'),
+    ((0, 28, 28, 1), jnp.uint8, 'no images'),
 ])
 def test_step_rejects_bad_batches(states, shape, dtype, message):
   with pytest.raises(ValueError, match=message):
@@ -340,6 +341,11 @@ def test_fused_loop_rejects_bad_steps_per_epoch(states):
   with pytest.raises(ValueError, match='steps_per_epoch'):
     jaxgan.train_loop(*copy_tree(states), _dataset(), jax.random.key(0),
                       num_steps=2, batch_size=64, steps_per_epoch=4)
+  images = _dataset()
+  with pytest.raises(ValueError, match=f'holds {len(images)} images, fewer '
+                     'than one step takes'):
+    jaxgan.train_loop(*copy_tree(states), images, jax.random.key(0),
+                      num_steps=2, batch_size=len(images) + 1)
 
 
 def test_discriminator_loop_equals_discriminator_steps(loop_states):

@@ -16,6 +16,7 @@ import sys
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
+import jax
 import numpy as np
 import pytest
 
@@ -130,6 +131,12 @@ def test_fcd_is_symmetric_and_non_negative(num, dim, seed, scale):
 def test_noise_of_the_wrong_size_is_refused(states):
   with pytest.raises(ValueError):
     jaxgan.generate(states[0], np.zeros((2, 7), np.float32))
+
+
+@pytest.mark.parametrize('num', [0, -1, 2.0])
+def test_sampling_a_non_positive_count_is_refused(states, num):
+  with pytest.raises(ValueError, match='num .* must be a positive integer'):
+    jaxgan.sample(states[0], jax.random.key(0), num)
 
 
 # The example, against a trained workdir. -------------------------------------
