@@ -10,16 +10,13 @@ import io
 import json
 import os
 import sys
+import time
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 STEP_COLUMNS = ('phase', 'step', 'd_loss', 'g_loss', 'd_real', 'd_fake',
                 'd_penalty')
-# Events queued for TensorBoard's writer thread before an add blocks. With
-# tensorboardX's default of 10, every add waited on that thread: logging an
-# epoch's 937 steps one scalar at a time took 0.5 s while the device idled.
-_TENSORBOARD_QUEUE = 4096
 
 
 def _tensorboardx():
@@ -39,6 +36,33 @@ def _tensorboardx():
     return importlib.import_module('tensorboardX')
   finally:
     del sys.modules['torch']
+
+
+class _EventWriter:
+  """TensorBoard events written in the calling thread and flushed on demand.
+
+  tensorboardX's `FileWriter` hands events to a worker thread through a
+  queue that its `flush` does not drain: a run killed between epochs lost
+  the events of steps its CSV already held. Serialising an event here costs
+  about what queueing it did.
+  """
+
+  def __init__(self, logdir: str):
+    tensorboardx = _tensorboardx()
+    os.makedirs(logdir, exist_ok=True)
+    self._event = tensorboardx.proto.event_pb2.Event
+    self._writer = tensorboardx.event_file_writer.EventsWriter(
+        os.path.join(logdir, 'events'))
+
+  def add_summary(self, summary, step: int) -> None:
+    self._writer.write_event(self._event(summary=summary, step=step,
+                                         wall_time=time.time()))
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
 
 
 def truncate_log(path: str, keep) -> None:
@@ -107,8 +131,7 @@ class RunLogger:
     self.metrics_path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
     if enabled:
-      self._tb = _tensorboardx().FileWriter(
-          os.path.join(workdir, 'tensorboard'), max_queue=_TENSORBOARD_QUEUE)
+      self._tb = _EventWriter(os.path.join(workdir, 'tensorboard'))
 
   def forget_after(self, phase: str, step: int, epoch: int) -> None:
     """Drops logged rows of `phase` past `step` / `epoch` (see truncate_log)."""
@@ -142,6 +165,8 @@ class RunLogger:
         writer.writerow(row)
         # One event per step, holding all its metrics.
         self._tb.add_summary(_scalars(zip(tags, values)), step)
+    # On disk with the CSV's rows: a killed run keeps both.
+    self._tb.flush()
 
   def log_epoch(self, record: dict[str, Any]) -> None:
     """Appends one JSON line and the record's numbers to TensorBoard."""

@@ -71,6 +71,18 @@ def test_logs_every_step_epoch_and_picture(tmp_path):
   assert list(images) == [('samples', 13)]
 
 
+def test_step_events_reach_the_disk_with_their_csv_rows(tmp_path):
+  """A run killed between epochs (no close, no epoch record) keeps the
+  TensorBoard events of every step its CSV holds."""
+  logger = RunLogger(str(tmp_path))
+  logger.log_steps('train', 0, {'d_loss': np.array([0.5, 0.25], np.float32)})
+  # Read while the writer is still open, as after a SIGKILL.
+  steps = sorted(event.step for event in _events(tmp_path / 'tensorboard')
+                 if event.summary.value)
+  assert steps == [1, 2]
+  logger.close()
+
+
 def test_reading_up_to_a_size_ignores_rows_appended_later(tmp_path):
   logger = RunLogger(str(tmp_path))
   logger.log_steps('train', 0, {'d_loss': np.array([1.0, 2.0], np.float32)})
