@@ -88,10 +88,11 @@ class Generator(nn.Module):
       matmul kernel gradient, `jaxgan.layers.conv_matmul_grad`), 'xla'
       (`flax.linen.ConvTranspose`) or 'auto' (`auto_kernel_grad`): on CPU,
       'im2col' for layers with at least 8 output channels and 'matmul' for
-      the others (XLA:CPU's own kernel gradient of the first layer is about
-      6x slower); on GPU, 'im2col' except for convolutions of 128 or more
-      output channels; 'xla' elsewhere. Parameters and results are the same
-      either way.
+      the others (XLA:CPU runs Flax's first layer, forward and backward,
+      about 7x slower, and over 20x slower inside `lax.scan`; see
+      benchmarks/RESULTS.md); on GPU, 'im2col' except for convolutions of
+      128 or more output channels; 'xla' elsewhere. Parameters and results
+      are the same either way.
   """
 
   noise_dim: int = 100
