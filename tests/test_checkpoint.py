@@ -1,5 +1,7 @@
 """Orbax checkpoints: round trip, resume, retention and mismatches."""
 
+import gc
+import logging
 import os
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import pytest
 
 import jaxgan
 from conftest import copy_tree, leaves_equal, make_states
+from jaxgan import parallel
 
 
 def _train(states, batch, keys):
@@ -152,3 +155,113 @@ def test_a_flipped_bit_on_disk_is_caught(tmp_path, states):
     assert ckpt.read_meta() == {'n': 1}
     with pytest.raises(jaxgan.CheckpointError, match='is damaged'):
       ckpt.restore(*copy_tree(states))
+
+
+def _data_files(directory):
+  """The files holding a checkpoint item's arrays (orbax's OCDBT data)."""
+  found = []
+  for root, _, files in os.walk(directory):
+    if os.path.basename(root) == 'd':
+      found += [os.path.join(root, f) for f in files]
+  return found
+
+
+@pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')
+def test_a_truncated_file_is_reported_in_one_short_message(
+    tmp_path, states, capfd, caplog):
+  """Not TensorStore's spec, nor the tracebacks of the reads left running."""
+  with jaxgan.Checkpointer(str(tmp_path)) as ckpt:
+    ckpt.save(1, *states, jax.random.key(0), {'n': 1})
+  # Every file of one item: many reads fail at once.
+  files = _data_files(tmp_path / '1' / 'state_d')
+  assert files
+  for path in files:
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 3)
+  capfd.readouterr()
+  with caplog.at_level(logging.WARNING, logger='asyncio'):
+    with jaxgan.Checkpointer(str(tmp_path)) as ckpt:
+      with pytest.raises(jaxgan.CheckpointError) as error:
+        ckpt.restore(*copy_tree(states))
+    gc.collect()  # Unretrieved task errors are logged when collected.
+  message = str(error.value)
+  assert message.startswith(f'Checkpoint 1 in {tmp_path} is damaged (')
+  assert 'state_d ' in message and 'not valid for value of size' in message
+  assert 'a file of it is missing, truncated or corrupt' in message
+  assert 'set_aside' in message
+  assert '\n' not in message and len(message) < 600, message
+  assert 'TensorStore' not in message and 'tensorstore_spec' not in message
+  out, err = capfd.readouterr()
+  assert not out and not err, err[:2000]
+  assert not [r for r in caplog.records if r.name == 'asyncio'
+              and r.levelno >= logging.WARNING], caplog.text[:2000]
+
+
+def test_a_step_saved_again_or_out_of_order_is_refused(tmp_path, states):
+  with jaxgan.Checkpointer(str(tmp_path)) as ckpt:
+    ckpt.save(5, *states, jax.random.key(0), {'n': 5})
+    # Refused while the first save is still being written, too.
+    with pytest.raises(jaxgan.CheckpointError,
+                       match=r'Cannot save step 5 in .*: checkpoint 5 exists '
+                             r'already\. Steps must grow with every save'):
+      ckpt.save(5, *states, jax.random.key(0), {'n': 55})
+    with pytest.raises(jaxgan.CheckpointError,
+                       match=r'Cannot save step 3 in .*: it is older than '
+                             r'the latest checkpoint, 5\. .*above 5'):
+      ckpt.save(3, *states, jax.random.key(0), {'n': 3})
+    ckpt.wait_until_finished()
+    assert ckpt.all_steps() == [5] and ckpt.read_meta() == {'n': 5}
+    ckpt.save(6, *states, jax.random.key(0), {'n': 6})
+    ckpt.wait_until_finished()
+    assert ckpt.all_steps() == [5, 6]
+    # Once the later checkpoint is set aside, its step can be saved afresh.
+    ckpt.set_aside(6, str(tmp_path / 'aside'))
+    ckpt.save(6, *states, jax.random.key(0), {'n': 66})
+    ckpt.wait_until_finished()
+    assert ckpt.read_meta(6) == {'n': 66}
+
+
+def test_restore_into_another_dtype_is_refused(tmp_path, states):
+  """Not taken for damage: orbax would cast, and the sha256 would differ."""
+  with jaxgan.Checkpointer(str(tmp_path)) as ckpt:
+    ckpt.save(1, *states, jax.random.key(0), {})
+    state_g, state_d = copy_tree(states)
+    half = state_g.replace(params=jax.tree.map(
+        lambda p: p.astype(jnp.bfloat16), state_g.params))
+    count = len(jax.tree.leaves(state_g.params))
+    with pytest.raises(jaxgan.CheckpointError) as error:
+      ckpt.restore(half, state_d)
+  message = str(error.value)
+  assert (f'does not fit this model and optimiser ({count} arrays differ: '
+          'state_g params.BatchNorm_0.bias: saved float32, here bfloat16;'
+          ) in message
+  assert 'damaged' not in message
+  assert 'restore into states of the saved dtypes' in message
+
+
+def test_restored_states_reuse_the_compiled_step(tmp_path, states,
+                                                 real_batch):
+  """Restored arrays are uncommitted like the templates, so the first step
+  after a resume does not compile its program again."""
+  key = jax.random.key(0)
+  trained = _train(states, real_batch, [key])
+  size = jaxgan.train_step._cache_size()
+  with jaxgan.Checkpointer(str(tmp_path)) as ckpt:
+    ckpt.save(1, *trained, key, {})
+    g, d, run_key, _ = ckpt.restore(*copy_tree(states))
+  arrays = jax.tree.leaves((g, d)) + [run_key]
+  assert not any(a.committed for a in arrays)
+  jax.block_until_ready(jaxgan.train_step(g, d, real_batch, key))
+  assert jaxgan.train_step._cache_size() == size
+
+
+def test_a_sharded_template_restores_sharded(tmp_path, states):
+  mesh = parallel.make_mesh()
+  with jaxgan.Checkpointer(str(tmp_path)) as ckpt:
+    ckpt.save(1, *states, jax.random.key(0), {})
+    templates = parallel.replicate(copy_tree(states), mesh)
+    g, d, _, _ = ckpt.restore(*templates)
+  assert leaves_equal((g, d), states)
+  for restored, template in zip(jax.tree.leaves((g, d)),
+                                jax.tree.leaves(templates)):
+    assert restored.committed and restored.sharding == template.sharding
