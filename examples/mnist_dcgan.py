@@ -256,10 +256,12 @@ def _flag_config() -> DCGANConfig:
 
 
 def _config_for_resume(saved: dict) -> DCGANConfig:
-  """The saved config, with optimiser flags given now taking precedence.
+  """The saved config, with the flags given now taking precedence.
 
   Flags that change shapes or the data order must match the checkpoint;
-  those not given on the command line take the saved values.
+  the others (the objective, the optimiser, the numerics) may change the
+  rest of the run, and a warning names each change; flags not given on the
+  command line take the saved values.
   """
   saved_config = DCGANConfig.from_dict(saved)
   explicit = {name: getattr(FLAGS, name)
@@ -271,6 +273,14 @@ def _config_for_resume(saved: dict) -> DCGANConfig:
         'The checkpoint in the workdir was written with another '
         f'configuration ({"; ".join(mismatches)}). Drop those flags to '
         'continue it, or use a new --workdir.')
+  changed = [f'--{name}={value} (the checkpoint has '
+             f'{getattr(saved_config, name)})'
+             for name, value in explicit.items()
+             if value != getattr(saved_config, name)]
+  if changed:
+    print('warning: resuming with ' + ', '.join(changed) + '; the rest of '
+          'the run trains with the new values, and its checkpoints record '
+          'them.', file=sys.stderr)
   return config
 
 
@@ -397,8 +407,12 @@ class Run:
     state_g, state_d = parallel.to_host((state_g, state_d))
     step = _count(state_d.step)
     # The best checkpoint goes first: a run stopped between the two saves
-    # resumes from the previous latest one and repeats this evaluation.
-    if best and step not in self.best.all_steps():
+    # resumes from the previous latest one and repeats this evaluation. A
+    # run resumed from before the best step replays the same steps and
+    # reaches that best again, so a step at or below it is not saved anew
+    # (saves must grow).
+    latest_best = self.best.latest_step()
+    if best and (latest_best is None or step > latest_best):
       self.best.save(step, state_g, state_d, run_key, meta)
       # The two managers commit in background threads of their own.
       self.best.wait_until_finished()
@@ -1103,7 +1117,7 @@ def train_phase(run: Run) -> None:
             f'{record["steps_per_sec"]:.1f} steps/s{eval_note}')
     _finish_epoch(run, record, local_states, run_key, meta, is_best, line)
 
-  start_time = time.time()
+  start_time, first_step = time.time(), phase.step
   for done, record in phase.epochs(FLAGS.num_epochs, chunk, 'epoch'):
     # Only device work is queued here, behind the epoch: a copy of the
     # states (the next call consumes them), the grid's images and the
@@ -1128,8 +1142,11 @@ def train_phase(run: Run) -> None:
   run.checkpointer.wait_until_finished()
   run.best.wait_until_finished()
   run.finish_plot()
-  print(f'Done: {FLAGS.num_epochs} epochs, {FLAGS.num_epochs * spe} steps in '
-        f'{time.time() - start_time:.1f}s; final d_loss {record["d_loss"]:.4f}'
+  resumed = (f' ({phase.step - first_step} of them in this run)'
+             if first_step else '')
+  print(f'Done: {FLAGS.num_epochs} epochs, {FLAGS.num_epochs * spe} steps'
+        f'{resumed} in {time.time() - start_time:.1f}s; final d_loss '
+        f'{record["d_loss"]:.4f}'
         f', g_loss {record["g_loss"]:.4f}, D(x) {record["d_real"]:.3f}, '
         f'D(G(z)) {record["d_fake"]:.3f}. Samples in '
         f'{os.path.join(run.workdir, "samples")}, checkpoint '
@@ -1341,9 +1358,26 @@ def _use_compilation_cache(path: str | None) -> None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
 
-def main(argv):
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with its errors reported like the others: one
+  message and exit status 2, instead of the usage text and status 1."""
+  try:
+    argv = FLAGS(argv)
+  except flags.Error as e:
+    message = str(e).rstrip(' .')
+    end = '' if message.endswith('?') else '.'
+    print(f'error: {message}{end} Run with --help for the flags.',
+          file=sys.stderr)
+    sys.exit(2)
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+    print(f'error: unexpected arguments {" ".join(argv[1:])!r}; every '
+          'option is a --flag (run with --help for them).', file=sys.stderr)
+    sys.exit(2)
+  return argv
+
+
+def main(argv):
+  del argv  # Checked by _parse_flags.
   _use_compilation_cache(FLAGS.compilation_cache_dir)
   # tfds and orbax log routine notices as warnings; problems reach the user
   # as JaxganError messages instead.
@@ -1356,6 +1390,7 @@ def main(argv):
       # Process 0 reports; the others stay quiet unless something fails.
       sys.stdout = open(os.devnull, 'w')  # pylint: disable=consider-using-with
       FLAGS.progress = False
+    _flag_config()  # Invalid values fail before the workdir is touched.
     run = Run(FLAGS.workdir)
     {'train': train_phase, 'discriminator': discriminator_phase,
      'test': test_phase}[FLAGS.phase](run)
@@ -1376,4 +1411,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -172,8 +172,12 @@ def test_toolkit_flags_train_resume_and_test(tmp_path, mnist_data_dir):
   assert '2 steps of 128 images each' in first.stdout
   # Checkpoints are numbered by D's updates: 2 per G update.
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['4']
-  # The resumed run takes the toolkit options from the checkpoint.
-  _run(*common, '--num_epochs=2')
+  # The resumed run takes the toolkit options from the checkpoint; a flag
+  # given again with another value changes the rest of the run, and says so.
+  resumed = _run(*common, '--num_epochs=2', '--penalty_weight=5')
+  assert ('warning: resuming with --penalty_weight=5.0 (the checkpoint has '
+          '10.0)') in resumed.stderr
+  assert 'warning' not in first.stderr
   config = jaxgan.DCGANConfig(
       loss='wasserstein', penalty='gradient_penalty', n_critic=2,
       spectral_norm=True, ema_decay=0.9, discriminator_batch_norm=False)
@@ -182,6 +186,7 @@ def test_toolkit_flags_train_resume_and_test(tmp_path, mnist_data_dir):
         *config.create_train_states(jax.random.key(0)), 8)
   assert int(state_g.step) == 4 and int(state_d.step) == 8
   assert meta['config']['n_critic'] == 2
+  assert meta['config']['penalty_weight'] == 5.0
   assert not leaves_equal(state_g.ema_params, state_g.params)
   assert 'SpectralNorm_0' in state_d.batch_stats
   with open(os.path.join(workdir, 'steps.csv')) as f:
@@ -272,12 +277,16 @@ def test_four_seeds_in_one_program_match_four_separate_runs(
     (['--penalty=r1', '--penalty_weight=0'], 'weight must be positive'),
     (['--ema_decay=1'], 'ema_decay must be in'),
     (['--n_critic=0'], 'n_critic'),
+    (['--batch_size=0'], '0 is not a positive integer'),
+    (['--learning_rat=0.1'], "Unknown command line flag 'learning_rat'"),
+    (['stray'], "unexpected arguments 'stray'"),
 ])
 def test_bad_invocations_give_one_clear_message(tmp_path, flags, message):
   result = _run(f'--workdir={tmp_path}', *flags, check=False)
-  assert result.returncode != 0
+  assert result.returncode == 2
   assert message in result.stderr
   assert 'Traceback' not in result.stderr
+  assert 'USAGE' not in result.stdout + result.stderr
 
 
 def test_unwritable_workdir(tmp_path):

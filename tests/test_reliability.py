@@ -166,7 +166,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_bit_exact(
   with jaxgan.Checkpointer(os.path.join(workdir, 'checkpoints')) as ckpt:
     assert ckpt.latest_step() == stopped_at
   resumed = _run(flags)
-  assert 'Done: 3 epochs' in resumed.stdout
+  assert (f'Done: 3 epochs, 18 steps ({18 - stopped_at} of them in this run)'
+          in resumed.stdout)
   _assert_same_run(reference_run, workdir)
 
 
