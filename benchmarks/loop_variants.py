@@ -6,9 +6,11 @@ the trip count, reads the loop's predicate back between iterations), unless
 the loop is recorded into a CUDA graph (XLA's command buffers). Unrolling the
 scan gives XLA several steps to fuse and schedule as one. What these cost or
 buy, and what XLA's autotuning and Triton GEMMs do for this model, depend on
-the compiler and the device, not on jaxgan; this script measures them. XLA reads `XLA_FLAGS` once, when its backend starts, so each variant
-runs in a process of its own, one after the other, the default first and
-again last to show the machine's drift. Each process compiles
+the compiler and the device, not on jaxgan; this script measures them.
+
+XLA reads `XLA_FLAGS` once, when its backend starts, so each variant runs in
+a process of its own, one after the other, the default first and again last
+to show the machine's drift. Each process compiles
 `jaxgan.train_loop` (timed), runs it once, times `--trials` calls of
 `--fused_steps` steps, and hashes the states after its first call, so the
 table also tells which variants compute bit-for-bit what the default does.
