@@ -199,8 +199,8 @@ def test_loop_variants_run_each_in_a_process_of_its_own(device_check):
     assert row['over_default'] == pytest.approx(
         row['steps_per_sec'] / report['default_steps_per_sec'])
   # The same program computes the same bits in every process. Another
-  # program may round differently (here XLA:CPU sees no loop left in the
-  # two-step call unrolled twice), which the report says rather than hides.
+  # program may round differently (on XLA:CPU, the two-step call unrolled
+  # twice does), which the report says rather than hides.
   assert report['default_runs_agree']
   assert rows[0]['states_sha256'] == rows[2]['states_sha256']
   assert variant['same_states_as_default'] == (
