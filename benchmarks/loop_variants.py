@@ -75,6 +75,8 @@ def states_digest(tree) -> str:
 def measure(batch_size: int, fused_steps: int, trials: int, unroll: int,
             device_name: str | None) -> dict:
   """One variant, in this process: compile time, rates and the states' hash."""
+  # Imported here, in the child: the parent must not start a backend, whose
+  # XLA_FLAGS would then be fixed for it.
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
