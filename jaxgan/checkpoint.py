@@ -41,15 +41,21 @@ def _restore_target(leaf: Any) -> Any:
   train steps leave their arrays: a committed array there would make the
   next jitted call compile its program again.
   """
-  if isinstance(leaf, jax.Array) and leaf.committed:
-    return ocp.utils.to_shape_dtype_struct(leaf)
-  return np.empty(np.shape(leaf), _dtype(leaf))
+  if _on_host(leaf):
+    return np.empty(np.shape(leaf), _dtype(leaf))
+  return ocp.utils.to_shape_dtype_struct(leaf)
+
+
+def _on_host(template: Any) -> bool:
+  """Whether a template leaf's array is read to the host first: all but
+  committed device arrays."""
+  return not (isinstance(template, jax.Array) and template.committed)
 
 
 def _like_template(restored: Any, template: Any) -> Any:
   """A restored host array on the device when its template was a device
   array that is not committed; other leaves as orbax restored them."""
-  if isinstance(template, jax.Array) and not template.committed:
+  if isinstance(template, jax.Array) and _on_host(template):
     return jnp.asarray(restored)
   return restored
 
@@ -74,14 +80,14 @@ def _fits(tree: Any) -> dict[str, tuple[str, str]]:
 
 def _describe(fit: tuple[str, str] | None,
               other: tuple[str, str] | None) -> str:
-  """A leaf's shape, and its dtype where that differs from `other`'s."""
+  """Which of a leaf's shape and dtype differ from `other`'s (the shape
+  alone when `other` is absent)."""
   if fit is None:
     return 'absent'
-  shape, dtype = fit
-  if other is None or shape != other[0]:
-    return shape if other is None or dtype == other[1] else (
-        f'{shape} {dtype}')
-  return dtype
+  if other is None:
+    return fit[0]
+  differs = [part for part, theirs in zip(fit, other) if part != theirs]
+  return ' '.join(differs)
 
 
 def _array_misfits(saved: dict[str, Any], wanted: dict[str, Any]
