@@ -345,6 +345,7 @@ class Run:
         raise CheckpointError(
             f'No checkpoint in {self.checkpointer.directory}. Run '
             f'--phase=train with this --workdir first.')
+      self._set_aside_earlier_best()
       config = _flag_config()
       meta = {'config': config.to_dict(), 'seed': FLAGS.seed,
               'num_seeds': FLAGS.num_seeds, 'train_epoch': 0,
@@ -378,7 +379,7 @@ class Run:
             bad_step, os.path.join(self.workdir, 'damaged'))
         print(f'warning: checkpoint {bad_step} in '
               f'{self.checkpointer.directory} is damaged '
-              f'({type(error).__name__}: {str(error).splitlines()[0][:300]}); '
+              f'({type(error).__name__}: {str(error).splitlines()[0]}); '
               f'moved it to {moved} and resuming from checkpoint {step}.',
               file=sys.stderr)
       self.restored_step = step
@@ -389,12 +390,28 @@ class Run:
       meta['config'] = config.to_dict()
       return config, state_g, state_d, run_key, meta
     details = '; '.join(f'{step}: {type(e).__name__}: '
-                        f'{str(e).splitlines()[0][:200]}'
+                        f'{str(e).splitlines()[0]}'
                         for step, e in failures)
     raise CheckpointError(
         f'No checkpoint in {self.checkpointer.directory} can be read '
         f'({details}). Move the folder aside to start over, or restore it '
         'from a backup.')
+
+  def _set_aside_earlier_best(self) -> None:
+    """Moves best/'s checkpoints to earlier_best/ before a run starts afresh.
+
+    With no checkpoint to resume from, a best checkpoint left in the workdir
+    belongs to an earlier run (or to this run's first epoch, stopped between
+    its two saves). Kept in best/, it would stand for this run in the final
+    evaluation and block this run's own best saves, which must exceed its
+    step.
+    """
+    for step in self.best.all_steps():
+      moved = self.best.set_aside(
+          step, os.path.join(self.workdir, 'earlier_best'))
+      print(f'warning: {self.checkpointer.directory} holds no checkpoint, so '
+            f'this run starts afresh; the best checkpoint {step} of an '
+            f'earlier run is moved to {moved}.', file=sys.stderr)
 
   def num_seeds(self, step: int) -> int:
     """How many seeds checkpoint `step` holds."""

@@ -205,6 +205,28 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(
   _assert_same_state(reference_run, workdir)
 
 
+@pytest.mark.slow
+def test_fresh_start_sets_an_earlier_runs_best_checkpoint_aside(
+    tmp_path, reference_run, mnist_data_dir):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference_run, workdir)
+  (earlier_best,) = os.listdir(os.path.join(workdir, 'best'))
+  shutil.rmtree(os.path.join(workdir, 'checkpoints'))
+  flags = [f for f in _flags(workdir, mnist_data_dir)
+           if not f.startswith('--num_epochs')]
+  result = _run(flags + ['--num_epochs=1'])
+  assert f'the best checkpoint {earlier_best} of an earlier run' in (
+      result.stderr)
+  # Kept, not deleted, and out of this run's way: best/ holds this run's
+  # own best, at or before its last step, and the summary points there.
+  aside = os.listdir(os.path.join(workdir, 'earlier_best'))
+  assert len(aside) == 1 and aside[0].startswith(f'{earlier_best}.')
+  with open(os.path.join(workdir, 'eval_summary.json')) as f:
+    best_step = json.load(f)['best']['step']
+  assert best_step <= 6
+  assert os.listdir(os.path.join(workdir, 'best')) == [str(best_step)]
+
+
 _POISON = '''
 import jax, jax.numpy as jnp
 from jaxgan import parallel
