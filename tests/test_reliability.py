@@ -218,13 +218,12 @@ def test_fresh_start_sets_an_earlier_runs_best_checkpoint_aside(
   assert f'the best checkpoint {earlier_best} of an earlier run' in (
       result.stderr)
   # Kept, not deleted, and out of this run's way: best/ holds this run's
-  # own best, at or before its last step, and the summary points there.
+  # own best, from its one evaluation (step 6), and the summary points there.
   aside = os.listdir(os.path.join(workdir, 'earlier_best'))
   assert len(aside) == 1 and aside[0].startswith(f'{earlier_best}.')
   with open(os.path.join(workdir, 'eval_summary.json')) as f:
-    best_step = json.load(f)['best']['step']
-  assert best_step <= 6
-  assert os.listdir(os.path.join(workdir, 'best')) == [str(best_step)]
+    assert json.load(f)['best']['step'] == 6
+  assert os.listdir(os.path.join(workdir, 'best')) == ['6']
 
 
 _POISON = '''
