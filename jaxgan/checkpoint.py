@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import flax.serialization
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -456,14 +457,25 @@ class Checkpointer:
     Later saves of the same step then start afresh, and `latest_step` no
     longer returns it.
 
+    In a multi-process run every process calls it for the same step: as
+    with orbax's saves, the directory is taken to be shared, so process 0
+    moves the folder (once, under a name all processes agree on) and the
+    others wait for the move before they look at the directory again.
+
     Returns:
       Where the checkpoint's folder now is.
     """
     self._manager.wait_until_finished()
-    target = os.path.join(destination,
-                          f'{step}.{time.strftime("%Y%m%d-%H%M%S")}')
-    os.makedirs(destination, exist_ok=True)
-    shutil.move(os.path.join(self.directory, str(step)), target)
+    stamp = int(time.time())
+    if jax.process_count() > 1:
+      stamp = int(multihost_utils.broadcast_one_to_all(np.int32(stamp)))
+    target = os.path.join(destination, f'{step}.' + time.strftime(
+        '%Y%m%d-%H%M%S', time.localtime(stamp)))
+    if jax.process_index() == 0:
+      os.makedirs(destination, exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'jaxgan set_aside {step}')
     self._manager.reload()
     return target
 

@@ -5,7 +5,8 @@ Usage: python parallel_worker.py MODE OUT_NPZ [ARGS]
     train step); writes both results.
   process PROCESS_ID NUM_PROCESSES PORT: one of several processes (gloo
     collectives) training a few fused steps data-parallel; process 0 writes
-    the final states, and all write one checkpoint together (OUT_ckpt).
+    the final states, and all write one checkpoint together (OUT_ckpt) and
+    set a second one aside together (into OUT_aside).
   single NUM_SHARDS: the same steps on one device with NUM_SHARDS blocks.
 """
 
@@ -98,6 +99,10 @@ def process_mode(out, process_id, num_processes, port):
   metrics = parallel.to_host(metrics)
   with jaxgan.Checkpointer(out.replace('.npz', '_ckpt')) as ckpt:
     ckpt.save(STEPS, g, d, jax.random.key(2), {'processes': num_processes})
+    # A later checkpoint, set aside by every process: it moves once.
+    ckpt.save(STEPS + 1, g, d, jax.random.key(2), {'processes': 0})
+    moved = ckpt.set_aside(STEPS + 1, out.replace('.npz', '_aside'))
+    print('set aside', moved, 'steps', ckpt.all_steps())
   if parallel.is_main_process():
     np.savez(out, **_flat((g, d)),
              **{f'metric/{k}': v for k, v in metrics.items()})

@@ -1,6 +1,7 @@
 """Data parallelism: 8 devices, two processes, and the one-device path."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -77,6 +78,13 @@ def test_two_processes_equal_one_process_and_share_a_checkpoint(tmp_path):
   outputs = [_finish(w) for w in workers]
   assert 'rows 0 128 devices 2 4' in outputs[0]
   assert 'rows 128 256 devices 2 4' in outputs[1]
+  # Both processes set checkpoint 5 aside: one folder moved, one name.
+  moved = [re.search(r'set aside (\S+) steps \[4\]', o).group(1)
+           for o in outputs]
+  assert moved[0] == moved[1], moved
+  assert os.listdir(tmp_path / 'processes_aside') == [os.path.basename(
+      moved[0])]
+  assert {'state_g', 'state_d', 'key', 'meta'} <= set(os.listdir(moved[0]))
   # One process, one device, the same 4 data blocks.
   _finish(_worker('single', single, 4))
   with np.load(out) as multi, np.load(single) as one:
