@@ -716,10 +716,12 @@ def _call_size(first_step: int, done: int, spe: int, chunk: int) -> int:
 
 
 def _loop_key(run_key: jax.Array, stream: int, meta: dict) -> jax.Array:
-  """A phase's loop key; each rollback after divergence draws a new one."""
-  key = _stream(run_key, stream)
-  rollbacks = meta.get('rollbacks', 0)
-  return _stream(key, rollbacks) if rollbacks else key
+  """A phase's loop key; each rollback after divergence draws a new one.
+
+  The phase's key is only folded, never used as a loop key itself: its
+  first rollback's key would then be that loop's step key.
+  """
+  return _stream(_stream(run_key, stream), meta.get('rollbacks', 0))
 
 
 def _handle_divergence(run: Run, config: DCGANConfig, diverged: _Diverged,

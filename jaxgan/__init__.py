@@ -40,10 +40,12 @@ from jaxgan.train import discriminator_loop
 from jaxgan.train import discriminator_step
 from jaxgan.train import epoch_permutation
 from jaxgan.train import generate
+from jaxgan.train import generator_inputs
 from jaxgan.train import loop_keys
 from jaxgan.train import sample
 from jaxgan.train import sample_seeds
 from jaxgan.train import seed_slice
+from jaxgan.train import step_keys
 from jaxgan.train import stack_seeds
 from jaxgan.train import sample_noise
 from jaxgan.train import to_float_images

@@ -242,22 +242,38 @@ def _labels_kwargs(labels) -> dict:
   return {} if labels is None else {'labels': labels}
 
 
-# fold_in data of the key stream that draws generated images' labels.
-_LABEL_STREAM = 7
-
-
 def sample_labels(key: jax.Array, num: int, num_classes: int) -> jax.Array:
   """Class labels drawn uniformly from [0, num_classes), `[num]` int32."""
   return jax.random.randint(key, (num,), 0, num_classes, jnp.int32)
 
 
-def _fake_labels(state_g, key, num):
-  """Labels for G's samples drawn with noise key `key` (None if
-  unconditional): the same key's label stream, so noise and labels pair up."""
-  if not state_g.num_classes:
-    return None
-  return sample_labels(jax.random.fold_in(key, _LABEL_STREAM), num,
-                       state_g.num_classes)
+def generator_inputs(key: jax.Array, num: int, noise_dim: int,
+                     num_classes: int = 0
+                     ) -> tuple[jax.Array, jax.Array | None]:
+  """Draws G's inputs for `num` samples as the train step and `sample` do.
+
+  A key in JAX is either drawn from or split, never both: `split(key)[i]`
+  is `fold_in(key, i)`, and both share threefry evaluations with the values
+  drawn from `key` itself. So `key` is only split here, into one key for the
+  noise and one for the labels.
+
+  Args:
+    key: a PRNG key, used up here.
+    num: number of samples (static).
+    noise_dim: length of each noise vector.
+    num_classes: the generator's classes (0: unconditional, no labels).
+
+  Returns:
+    `(noise [num, noise_dim], labels [num] int32 or None)`.
+  """
+  noise_key, label_key = jax.random.split(key)
+  labels = (sample_labels(label_key, num, num_classes) if num_classes
+            else None)
+  return sample_noise(noise_key, num, noise_dim), labels
+
+
+def _fake_inputs(state_g, key, num):
+  return generator_inputs(key, num, state_g.noise_dim, state_g.num_classes)
 
 
 def split_batch(batch: Any, num_classes: int = 0,
@@ -346,11 +362,26 @@ def _split_critic_batches(batch, state_d, n_critic):
   return real, labels.reshape(n_critic, size)
 
 
-def _critic_keys(key, n_critic):
-  """Penalty keys of the step's D updates and noise keys of the extra ones."""
-  aux = jax.random.fold_in(key, 1)
-  return ([jax.random.fold_in(aux, 2 * i) for i in range(n_critic)],
-          [jax.random.fold_in(aux, 2 * i + 1) for i in range(n_critic - 1)])
+def step_keys(key: jax.Array, n_critic: int = 1
+              ) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
+  """Splits a step's key into the keys of its random draws.
+
+  Args:
+    key: the step's PRNG key; only split.
+    n_critic: D updates per step.
+
+  Returns:
+    `(fake_key, penalty_keys, extra_fake_keys)`: the `generator_inputs` key
+    of the batch G is updated on, the penalty key of each D update (the
+    last one is the update on that batch) and the `generator_inputs` keys
+    of the `n_critic - 1` extra D updates' batches. The last D update and
+    G's update take the keys of a step with `n_critic=1`, whatever
+    `n_critic` is.
+  """
+  fold = functools.partial(jax.random.fold_in, key)
+  extra = range(n_critic - 1)
+  return (fold(0), [fold(2 + 2 * i) for i in extra] + [fold(1)],
+          [fold(3 + 2 * i) for i in extra])
 
 
 def _train_step(state_g: GeneratorState, state_d: DiscriminatorState,
@@ -359,12 +390,11 @@ def _train_step(state_g: GeneratorState, state_d: DiscriminatorState,
   loss.validate()
   reals, real_labels = _split_critic_batches(batch, state_d, loss.n_critic)
   batch_size = reals.shape[1]
-  penalty_keys, noise_keys = _critic_keys(key, loss.n_critic)
+  fake_key, penalty_keys, extra_fake_keys = step_keys(key, loss.n_critic)
 
   # The extra critic updates: fresh samples, G's statistics untouched.
   for i in range(loss.n_critic - 1):
-    z = sample_noise(noise_keys[i], batch_size, state_g.noise_dim)
-    fake_labels = _fake_labels(state_g, noise_keys[i], batch_size)
+    z, fake_labels = _fake_inputs(state_g, extra_fake_keys[i], batch_size)
     fake, _ = state_g.apply_fn(_generator_vars(state_g), z, train=True,
                                mutable=['batch_stats'],
                                **_labels_kwargs(fake_labels))
@@ -373,8 +403,7 @@ def _train_step(state_g: GeneratorState, state_d: DiscriminatorState,
         penalty_keys[i], real_labels[i], fake_labels)
 
   real, labels = reals[-1], real_labels[-1]
-  z = sample_noise(key, batch_size, state_g.noise_dim)
-  fake_labels = _fake_labels(state_g, key, batch_size)
+  z, fake_labels = _fake_inputs(state_g, fake_key, batch_size)
 
   def generate(params):
     fake, updates = state_g.apply_fn(
@@ -419,7 +448,7 @@ def train_step(state_g: GeneratorState, state_d: DiscriminatorState,
                ) -> tuple[GeneratorState, DiscriminatorState, Metrics]:
   """One discriminator update, then one generator update, on one batch.
 
-  Order, as in the tutorial: (1) draw `z ~ U(-1, 1)` from `key` and generate
+  Order, as in the tutorial: (1) draw `z ~ U(-1, 1)` and generate
   `G(z)` with G in training mode (its BatchNorm statistics are updated once
   per step); (2) update D on the real batch and `G(z)`, each passed through
   D separately in training mode; (3) update G on the same `G(z)` against the
@@ -436,7 +465,8 @@ def train_step(state_g: GeneratorState, state_d: DiscriminatorState,
     batch: real images `[n_critic * B, 28, 28, 1]`, uint8 in [0, 255] or
       float in [-1, 1]; for a conditional GAN the pair `(images, labels)`
       with int labels `[n_critic * B]` (G's labels are drawn uniformly).
-    key: PRNG key for this step, e.g. `jax.random.fold_in(run_key, step)`.
+    key: PRNG key for this step, e.g. `jax.random.fold_in(run_key, step)`;
+      split by `step_keys` into the keys of G's inputs and the penalties.
     loss: the GAN objective: loss pair, penalty, `n_critic`.
 
   Returns:
@@ -452,12 +482,11 @@ def _discriminator_step(state_g, state_d, batch, key,
                         loss=losses_lib.NON_SATURATING):
   loss.validate()
   real, labels = split_batch(batch, state_d.num_classes, state_d.image_shape)
-  z = sample_noise(key, real.shape[0], state_g.noise_dim)
-  fake_labels = _fake_labels(state_g, key, real.shape[0])
+  fake_key, (penalty_key,), _ = step_keys(key)
+  z, fake_labels = _fake_inputs(state_g, fake_key, real.shape[0])
   fake = state_g.apply_fn(_generator_vars(state_g), z, train=False,
                           **_labels_kwargs(fake_labels))
-  return _discriminator_update(state_d, real, fake, loss,
-                               _critic_keys(key, 1)[0][0], labels,
+  return _discriminator_update(state_d, real, fake, loss, penalty_key, labels,
                                fake_labels)
 
 
@@ -474,8 +503,8 @@ def discriminator_step(state_g: GeneratorState, state_d: DiscriminatorState,
     state_g: generator state (read only, not donated).
     state_d: discriminator state (consumed).
     batch: real images, as for `train_step`.
-    key: PRNG key of the step: the generator's noise (and labels), and,
-      through `fold_in`, the penalty's randomness.
+    key: PRNG key of the step, split by `step_keys`: G's noise (and
+      labels) and the penalty's randomness.
     loss: the GAN loss pair; only its discriminator half is used.
 
   Returns:
@@ -902,8 +931,7 @@ def sample_seeds(state_g: GeneratorState, key: jax.Array, num: int,
   Returns:
     `[num_seeds, num, 28, 28, 1]` float32 in [-1, 1].
   """
-  noise = sample_noise(key, num, state_g.noise_dim)
-  labels = _fake_labels(state_g, key, num)
+  noise, labels = _fake_inputs(state_g, key, num)
   return jax.vmap(lambda g: generate.__wrapped__(g, noise, labels, use_ema))(
       state_g)
 
@@ -916,8 +944,9 @@ def sample(state_g: GeneratorState, key: jax.Array, num: int,
 
   Args:
     state_g: generator state (not modified).
-    key: PRNG key for the noise (and, for a conditional G without `labels`,
-      for labels drawn uniformly, as in training).
+    key: PRNG key of G's inputs (see `generator_inputs`): the noise and,
+      for a conditional G without `labels`, labels drawn uniformly as in
+      training.
     num: number of images (static).
     labels: int labels `[num]` for a conditional G, or None.
     use_ema: use the EMA of G's parameters when the state keeps one (static).
@@ -928,9 +957,8 @@ def sample(state_g: GeneratorState, key: jax.Array, num: int,
   if not isinstance(num, int) or isinstance(num, bool) or num < 1:
     raise ValueError(f'num (images to sample) must be a positive integer, '
                      f'got {num!r}.')
-  if labels is None:
-    labels = _fake_labels(state_g, key, num)
-  return generate(state_g, sample_noise(key, num, state_g.noise_dim), labels,
+  noise, drawn_labels = _fake_inputs(state_g, key, num)
+  return generate(state_g, noise, drawn_labels if labels is None else labels,
                   use_ema=use_ema)
 
 

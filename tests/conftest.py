@@ -1,5 +1,6 @@
 """Shared fixtures: small models and states, and the real MNIST prepared once."""
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -44,6 +45,18 @@ def pytest_unconfigure(config):
   del config
   for directory in _OWN_CACHE:
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def load_example():
+  """examples/mnist_dcgan.py as a module, loaded once per process: its
+  flags can be defined only once."""
+  name = 'mnist_dcgan_example'
+  if name not in sys.modules:
+    spec = importlib.util.spec_from_file_location(name, EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+  return sys.modules[name]
 
 
 def example_command(flags, prelude: str = '') -> list[str]:

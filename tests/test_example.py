@@ -1,6 +1,5 @@
 """End to end: examples/mnist_dcgan.py on real MNIST, all three phases."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ import pytest
 from PIL import Image
 
 import jaxgan
-from conftest import EXAMPLE, REPO, example_command, leaves_equal
+from conftest import REPO, example_command, leaves_equal, load_example
 
 def _run(*flags, check=True, prelude=''):
   """Runs the example in a fresh interpreter; returns the finished process."""
@@ -381,10 +380,7 @@ def test_fused_calls_train_like_one_step_per_call(tmp_path, mnist_data_dir):
 
 def test_cpu_calls_hold_about_1024_images_unless_the_flag_says(tmp_path):
   # pylint: disable=protected-access
-  spec = importlib.util.spec_from_file_location('mnist_dcgan_example',
-                                                EXAMPLE)
-  example = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(example)
+  example = load_example()
   example.FLAGS(['mnist_dcgan.py', f'--workdir={tmp_path}'])
   assert jax.default_backend() == 'cpu'
   steps_per_call = example._steps_per_call

@@ -200,8 +200,8 @@ def test_n_critic_runs_d_updates_on_their_own_batches():
 
   # By hand: the extra D update against fresh samples from its own key,
   # then the one-critic step on the second half with the step's key.
-  _, noise_keys = jaxgan.train._critic_keys(key, 2)
-  z = jaxgan.sample_noise(noise_keys[0], 8, 100)
+  _, _, extra_fake_keys = jaxgan.step_keys(key, 2)
+  z, _ = jaxgan.generator_inputs(extra_fake_keys[0], 8, 100)
   fake = g.apply_fn({'params': g.params, 'batch_stats': g.batch_stats}, z,
                     train=True, mutable=['batch_stats'])[0]
   single = loss._replace(n_critic=1)
@@ -258,7 +258,7 @@ def test_ema_follows_the_incremental_update_and_is_sampled_by_default():
   live = jaxgan.sample(g, key, 4, use_ema=False)
   assert not np.allclose(averaged, live)
   by_hand = g.apply_fn({'params': g.ema_params, 'batch_stats': g.batch_stats},
-                       jaxgan.sample_noise(key, 4, 100), train=False)
+                       jaxgan.generator_inputs(key, 4, 100)[0], train=False)
   np.testing.assert_allclose(averaged, by_hand, rtol=1e-5, atol=1e-6)
 
 

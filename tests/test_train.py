@@ -103,7 +103,7 @@ def test_step_matches_a_hand_written_reference(sgd_states, real_batch):
 def _hand_written_step(states, real_batch, key):
   """The default step spelled out with Flax's apply and optax's updates."""
   state_g, state_d = states
-  z = jaxgan.sample_noise(key, 64, 100)
+  z, _ = jaxgan.generator_inputs(jaxgan.step_keys(key)[0], 64, 100)
   fake, g_updates = state_g.apply_fn(
       {'params': state_g.params, 'batch_stats': state_g.batch_stats}, z,
       train=True, mutable=['batch_stats'])
@@ -377,7 +377,7 @@ def test_sample_uses_eval_mode_and_is_deterministic(states):
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
   # Evaluation mode: an image does not depend on the others in its batch.
-  z = jaxgan.sample_noise(jax.random.key(0), 8, 100)
+  z, _ = jaxgan.generator_inputs(jax.random.key(0), 8, 100)
   np.testing.assert_allclose(jaxgan.generate(state_g, z)[:3],
                              jaxgan.generate(state_g, z[:3]), atol=1e-6)
   np.testing.assert_array_equal(a, jaxgan.generate(state_g, z))
