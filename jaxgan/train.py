@@ -364,10 +364,10 @@ def _split_critic_batches(batch, state_d, n_critic):
 
 def step_keys(key: jax.Array, n_critic: int = 1
               ) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
-  """Splits a step's key into the keys of its random draws.
+  """The keys of a step's random draws, each folded from the step's key.
 
   Args:
-    key: the step's PRNG key; only split.
+    key: the step's PRNG key; only folded, never drawn from.
     n_critic: D updates per step.
 
   Returns:
