@@ -2,7 +2,7 @@ r"""Per-layer forward + backward times: flax's convolutions against jaxgan's.
 
 For each convolution of the DCGAN at the given batch size, times the jitted
 gradient (w.r.t. kernel and input) with `flax.linen` and with both
-implementations of `jaxgan.layers` ('matmul_grad' and 'im2col'), as a plain
+implementations of `jaxgan.layers` (`layers.IMPLEMENTATIONS`), as a plain
 program and inside `lax.scan` (where XLA:CPU behaves differently).
 Reports the median and spread of several trials, side by side in one run.
 

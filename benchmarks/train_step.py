@@ -356,7 +356,7 @@ def _print_row(result: dict):
   xla = result['flops_per_step_xla']
   alone = result['contractions_alone']
   print(f'{result["data"]:10s}{result["batch_size"]:6d}'
-        f'{result["conv_kernel_grad"]:>8s}{result["compute_dtype"]:>9s}'
+        f'{result["conv_kernel_grad"]:>9s}{result["compute_dtype"]:>9s}'
         f'{result["compile_seconds_step"]:10.1f}'
         f'{result["step"]["steps_per_sec"]:9.2f}'
         f'{result["step"]["images_per_sec"]:10.0f}'
@@ -434,7 +434,7 @@ def main():
   print(f'{device.device_kind} ({device.platform}), jax {jax.__version__}; '
         f'median of {args.trials} trials; 2048^3 float32 matmul '
         f'{matmul_flops / 1e9:.0f} GFLOP/s')
-  print(f'{"data":10s}{"batch":>6s}{"conv":>8s}{"dtype":>9s}'
+  print(f'{"data":10s}{"batch":>6s}{"conv":>9s}{"dtype":>9s}'
         f'{"compile s":>10s}{"step/s":>9s}'
         f'{"img/s":>10s}{"fused/s":>9s}{"img/s":>10s}{"GFLOP/step":>11s}'
         f'{"XLA":>8s}{"MFU":>8s}{"of matmul":>10s}{"matmul/s":>9s}')

@@ -139,8 +139,8 @@ flags.DEFINE_enum('compute_dtype', _DEFAULTS.compute_dtype,
 flags.DEFINE_enum('conv_kernel_grad', _DEFAULTS.conv_kernel_grad,
                   list(jaxgan.models.KERNEL_GRADS),
                   'How the convolutions are computed: auto (per layer and '
-                  'backend), im2col, matmul or xla; the parameters are the '
-                  'same either way.')
+                  'backend), im2col, matmul, winograd or xla; the '
+                  'parameters are the same either way.')
 flags.DEFINE_integer('eval_every_epochs', 1,
                      'Evaluate G (FCD, classifier score, coverage) every this '
                      'many epochs, and after the last; 0: after the last '

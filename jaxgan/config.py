@@ -43,8 +43,8 @@ class DCGANConfig:
       stay float32).
     conv_kernel_grad: how both models compute their convolutions: 'auto'
       (per layer and backend, see `jaxgan.models.auto_kernel_grad`),
-      'im2col', 'matmul' or 'xla'. The parameters are the same either way,
-      and the results agree to float rounding.
+      'im2col', 'matmul', 'winograd' or 'xla'. The parameters are the same
+      either way, and the results agree to float rounding.
   """
 
   noise_dim: int = 100

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jaxgan import layers
 
 IMAGE_SHAPE = (28, 28, 1)
-KERNEL_GRADS = ('auto', 'im2col', 'matmul', 'xla')
+KERNEL_GRADS = ('auto', 'im2col', 'matmul', 'winograd', 'xla')
 # Below this many output channels the im2col matmul is too narrow to pay for
 # its patches (XLA:CPU, the generator's 1-channel output layer: 10x slower).
 _IM2COL_MIN_FEATURES = 8
@@ -57,7 +57,7 @@ def _convolution(choice: str, transposed: bool, features: int):
     return nn.ConvTranspose if transposed else nn.Conv
   layer = layers.ConvTranspose if transposed else layers.Conv
   return functools.partial(
-      layer, implementation='im2col' if choice == 'im2col' else 'matmul_grad')
+      layer, implementation='matmul_grad' if choice == 'matmul' else choice)
 
 
 class Generator(nn.Module):
@@ -85,8 +85,10 @@ class Generator(nn.Module):
     conv_kernel_grad: how the transposed convolutions are computed:
       'im2col' (`jaxgan.layers.conv_transpose_im2col`: patches and one
       matmul over the stride phases), 'matmul' (an XLA convolution with a
-      matmul kernel gradient, `jaxgan.layers.conv_matmul_grad`), 'xla'
-      (`flax.linen.ConvTranspose`) or 'auto' (`auto_kernel_grad`): on CPU,
+      matmul kernel gradient, `jaxgan.layers.conv_matmul_grad`),
+      'winograd' (`jaxgan.layers.conv_transpose_winograd`: the stride
+      phases by Winograd's F(4, 3)), 'xla' (`flax.linen.ConvTranspose`)
+      or 'auto' (`auto_kernel_grad`, which never picks 'winograd'): on CPU,
       'im2col' for layers with at least 8 output channels and 'matmul' for
       the others (XLA:CPU runs Flax's first layer, forward and backward,
       about 7x slower, and over 20x slower inside `lax.scan`; see
@@ -193,9 +195,10 @@ class Discriminator(nn.Module):
     leaky_slope: negative slope of the leaky ReLUs.
     bn_momentum: decay of BatchNorm's running averages.
     dtype: computation dtype; parameters stay float32.
-    conv_kernel_grad: 'im2col', 'matmul', 'xla' or 'auto', as for the
-      `Generator`. On XLA:CPU, 'xla' is about 10x slower inside `lax.scan`
-      than in a plain step; 'auto' avoids that trap in the fused loops.
+    conv_kernel_grad: 'im2col', 'matmul', 'winograd', 'xla' or 'auto', as
+      for the `Generator`. On XLA:CPU, 'xla' is about 10x slower inside
+      `lax.scan` than in a plain step; 'auto' avoids that trap in the fused
+      loops.
     batch_norm: normalise the second convolution's output (the tutorial's
       model). Without it each image's logit depends on that image alone, as
       gradient penalties assume.

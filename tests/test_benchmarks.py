@@ -292,7 +292,7 @@ def test_layer_benchmark_times_every_implementation(device_check):
   report = _part_json(device_check, 'layers')
   assert len(report['layers']) == 4
   for row in report['layers']:
-    for impl in ('flax', 'matmul_grad', 'im2col'):
+    for impl in ('flax', 'matmul_grad', 'im2col', 'winograd'):
       for mode in ('plain', 'scan'):
         assert row[f'{impl}_{mode}_ms'] > 0
 

@@ -120,7 +120,7 @@ def test_config_passes_the_implementation_to_both_models():
   assert jaxgan.DCGANConfig().generator().conv_kernel_grad == 'auto'
 
 
-@pytest.mark.parametrize('choice', ['matmul', 'im2col', 'auto'])
+@pytest.mark.parametrize('choice', ['matmul', 'im2col', 'winograd', 'auto'])
 def test_kernel_gradient_implementations_agree(choice):
   """jaxgan's and XLA's convolutions: same parameters, outputs, gradients."""
   z = jaxgan.sample_noise(jax.random.key(0), 4, 100)
