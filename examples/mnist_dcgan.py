@@ -194,6 +194,16 @@ _EVAL_FIELDS = ('fcd', 'classifier_score', 'classes_present',
                 'class_kl_from_uniform', 'mean_confidence')
 
 
+def _warn(message: str) -> None:
+  """Prints a warning on process 0 alone.
+
+  Every process of a run meets the same conditions, so one copy is enough;
+  errors still print on every process, since a failure may be one's own.
+  """
+  if parallel.is_main_process():
+    print(f'warning: {message}', file=sys.stderr)
+
+
 def _stream(run_key: jax.Array, stream: int) -> jax.Array:
   """fold_in, per seed when `run_key` holds one key per seed."""
   if run_key.ndim:
@@ -278,9 +288,8 @@ def _config_for_resume(saved: dict) -> DCGANConfig:
              for name, value in explicit.items()
              if value != getattr(saved_config, name)]
   if changed:
-    print('warning: resuming with ' + ', '.join(changed) + '; the rest of '
-          'the run trains with the new values, and its checkpoints record '
-          'them.', file=sys.stderr)
+    _warn('resuming with ' + ', '.join(changed) + '; the rest of the run '
+          'trains with the new values, and its checkpoints record them.')
   return config
 
 
@@ -377,16 +386,14 @@ class Run:
       for bad_step, error in failures:
         moved = self.checkpointer.set_aside(
             bad_step, os.path.join(self.workdir, 'damaged'))
-        print(f'warning: checkpoint {bad_step} in '
-              f'{self.checkpointer.directory} is damaged '
-              f'({type(error).__name__}: {str(error).splitlines()[0]}); '
-              f'moved it to {moved} and resuming from checkpoint {step}.',
-              file=sys.stderr)
+        _warn(f'checkpoint {bad_step} in {self.checkpointer.directory} is '
+              f'damaged ({type(error).__name__}: '
+              f'{str(error).splitlines()[0]}); moved it to {moved} and '
+              f'resuming from checkpoint {step}.')
       self.restored_step = step
       if FLAGS['seed'].present and FLAGS.seed != meta.get('seed'):
-        print(f'warning: resuming with the checkpoint\'s seed '
-              f'{meta.get("seed")}; --seed={FLAGS.seed} is ignored.',
-              file=sys.stderr)
+        _warn(f'resuming with the checkpoint\'s seed {meta.get("seed")}; '
+              f'--seed={FLAGS.seed} is ignored.')
       meta['config'] = config.to_dict()
       return config, state_g, state_d, run_key, meta
     details = '; '.join(f'{step}: {type(e).__name__}: '
@@ -409,9 +416,9 @@ class Run:
     for step in self.best.all_steps():
       moved = self.best.set_aside(
           step, os.path.join(self.workdir, 'earlier_best'))
-      print(f'warning: {self.checkpointer.directory} holds no checkpoint, so '
-            f'this run starts afresh; the best checkpoint {step} of an '
-            f'earlier run is moved to {moved}.', file=sys.stderr)
+      _warn(f'{self.checkpointer.directory} holds no checkpoint, so this '
+            f'run starts afresh; the best checkpoint {step} of an earlier '
+            f'run is moved to {moved}.')
 
   def num_seeds(self, step: int) -> int:
     """How many seeds checkpoint `step` holds."""
@@ -1276,7 +1283,7 @@ def test_phase(run: Run) -> None:
       best_g, _, _, _ = run.best.restore(*templates,
                                          key_template=key_template)
     except CheckpointError as e:
-      print(f'warning: skipping the best checkpoint: {e}', file=sys.stderr)
+      _warn(f'skipping the best checkpoint: {e}')
       best_step = None
   if best_step is not None:
     best_generators = _seed_states(best_g)

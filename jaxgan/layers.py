@@ -142,6 +142,18 @@ def _pad(x, pads):
                  [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
 
 
+def _conv_output_shape(x_shape, kernel_shape, strides, padding
+                       ) -> tuple[int, int]:
+  """`(H', W')` of a strided convolution; refuses an empty output."""
+  sizes = [(size + lo + hi - k) // s + 1 for size, k, s, (lo, hi) in zip(
+      x_shape[1:3], kernel_shape[:2], strides, padding)]
+  if min(sizes) < 1:
+    raise ValueError(f'Convolution of {tuple(x_shape)} with kernel '
+                     f'{tuple(kernel_shape)} and padding {padding} has an '
+                     f'empty output.')
+  return sizes[0], sizes[1]
+
+
 def conv_im2col(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
                 padding: Padding) -> jax.Array:
   """A strided convolution as patches (strided slices) times the kernel.
@@ -158,12 +170,8 @@ def conv_im2col(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   """
   batch, height, width, channels = x.shape
   kh, kw, _, features = kernel.shape
-  (sh, sw), ((lo_h, hi_h), (lo_w, hi_w)) = strides, padding
-  out_h = (height + lo_h + hi_h - kh) // sh + 1
-  out_w = (width + lo_w + hi_w - kw) // sw + 1
-  if out_h < 1 or out_w < 1:
-    raise ValueError(f'Convolution of {x.shape} with kernel {kernel.shape} '
-                     f'and padding {padding} has an empty output.')
+  sh, sw = strides
+  out_h, out_w = _conv_output_shape(x.shape, kernel.shape, strides, padding)
   padded = _pad(x, padding)
   columns = [lax.slice(padded, (0, u, v, 0),
                        (batch, u + sh * (out_h - 1) + 1,
@@ -320,15 +328,12 @@ def conv_winograd(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   """
   batch, height, width, channels = x.shape
   kh, kw, _, features = kernel.shape
-  (sh, sw), ((lo_h, hi_h), (lo_w, hi_w)) = strides, padding
-  out_h = (height + lo_h + hi_h - kh) // sh + 1
-  out_w = (width + lo_w + hi_w - kw) // sw + 1
-  if out_h < 1 or out_w < 1:
-    raise ValueError(f'Convolution of {x.shape} with kernel {kernel.shape} '
-                     f'and padding {padding} has an empty output.')
+  sh, sw = strides
+  out_h, out_w = _conv_output_shape(x.shape, kernel.shape, strides, padding)
   taps_h, taps_w = -(-kh // sh), -(-kw // sw)
   # The rows and columns the output reads, in whole stride phases.
   rows, cols = (out_h + taps_h - 1) * sh, (out_w + taps_w - 1) * sw
+  (lo_h, _), (lo_w, _) = padding
   padded = _pad(x, ((lo_h, rows - height - lo_h), (lo_w, cols - width - lo_w)))
   phases = padded.reshape(batch, rows // sh, sh, cols // sw, sw, channels)
   phases = phases.transpose(0, 1, 3, 2, 4, 5).reshape(

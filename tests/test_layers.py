@@ -176,6 +176,21 @@ def test_winograd_at_the_dcgan_shapes(transposed, x_shape, kernel_shape):
                                atol=1e-5 * float(jnp.max(jnp.abs(b))))
 
 
+@pytest.mark.parametrize('conv', [layers.conv_im2col, layers.conv_winograd])
+def test_an_empty_convolution_output_is_named(conv):
+  with pytest.raises(ValueError, match='empty output'):
+    conv(jnp.ones((1, 3, 3, 2)), jnp.ones((5, 5, 2, 4)), (1, 1),
+         ((0, 0), (0, 0)))
+
+
+@pytest.mark.parametrize('conv', [layers.conv_transpose_im2col,
+                                  layers.conv_transpose_winograd])
+def test_an_empty_transposed_convolution_output_is_named(conv):
+  with pytest.raises(ValueError, match='empty output'):
+    conv(jnp.ones((1, 2, 2, 2)), jnp.ones((3, 3, 2, 4)), (2, 2),
+         ((-3, -3), (0, 0)))
+
+
 def test_unknown_implementation_is_refused():
   with pytest.raises(ValueError, match='implementation must be one of'):
     layers.Conv(2, (3, 3), implementation='fft').init(

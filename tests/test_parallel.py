@@ -26,10 +26,10 @@ def _worker(*args, devices=1, **popen):
                           text=True, cwd=REPO, **popen)
 
 
-def _finish(process, timeout=600):
+def _finish(process, timeout=600, with_stderr=False):
   stdout, stderr = process.communicate(timeout=timeout)
   assert process.returncode == 0, f'{stdout}\n{stderr[-4000:]}'
-  return stdout
+  return (stdout, stderr) if with_stderr else stdout
 
 
 def _assert_close(want: dict, got: dict):
@@ -208,18 +208,27 @@ def test_example_on_two_processes_equals_one_process_with_two_devices(
   example = os.path.join(REPO, 'examples', 'mnist_dcgan.py')
   common = [f'--data_dir={mnist_data_dir}', '--num_epochs=1',
             '--steps_per_epoch=3', '--eval_samples=100', '--noprogress']
-  port = _free_port()
   multi = str(tmp_path / 'multi')
-  processes = [subprocess.Popen(
-      [sys.executable, example, f'--workdir={multi}', *common,
-       '--num_processes=2', f'--process_id={pid}',
-       f'--coordinator_address=127.0.0.1:{port}'],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-               for pid in range(2)]
-  outputs = [_finish(p) for p in processes]
-  assert 'Done: 1 epochs, 3 steps' in outputs[0]
+
+  def run_two_processes(*flags):
+    port = _free_port()
+    processes = [subprocess.Popen(
+        [sys.executable, example, f'--workdir={multi}', *common, *flags,
+         '--num_processes=2', f'--process_id={pid}',
+         f'--coordinator_address=127.0.0.1:{port}'],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                 for pid in range(2)]
+    return [_finish(p, with_stderr=True) for p in processes]
+
+  (out_0, _), (out_1, _) = run_two_processes()
+  assert 'Done: 1 epochs, 3 steps' in out_0
   # Only process 0 reports (gloo itself may print a connection line).
-  assert 'Training epochs' not in outputs[1] and 'Done' not in outputs[1]
+  assert 'Training epochs' not in out_1 and 'Done' not in out_1
+  # Warnings too: resuming the finished run with another seed warns once.
+  (out_0, err_0), (out_1, err_1) = run_two_processes('--seed=7')
+  assert 'Already trained 1 epochs' in out_0
+  assert "warning: resuming with the checkpoint's seed 0" in err_0
+  assert 'warning' not in err_1
   single = str(tmp_path / 'single')
   _finish(subprocess.Popen(
       [sys.executable, example, f'--workdir={single}', *common],
