@@ -7,6 +7,7 @@ from jaxgan import metrics
 from jaxgan import parallel
 from jaxgan import penalties
 from jaxgan.checkpoint import Checkpointer
+from jaxgan.checks import checked
 from jaxgan.config import DCGANConfig
 from jaxgan.data import load_mnist
 from jaxgan.data import prepare_mnist

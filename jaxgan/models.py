@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxgan import checks
 from jaxgan import layers
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -170,6 +171,7 @@ def _check_labels(labels, batch: int, num_classes: int, who: str):
                                                       jnp.integer):
     raise ValueError(f'{who} expects int labels of shape [{batch}], got '
                      f'{labels.dtype} {labels.shape}.')
+  checks.label_range(labels, num_classes, who)
   return labels
 
 

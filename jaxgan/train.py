@@ -16,6 +16,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
+from jaxgan import checks
 from jaxgan import losses as losses_lib
 from jaxgan.models import IMAGE_SHAPE
 
@@ -198,7 +199,8 @@ def to_float_images(images: jax.typing.ArrayLike,
 
   Raises:
     ValueError: for a wrong rank, shape or dtype. Checked at trace time, so
-      it costs nothing inside a compiled step.
+      it costs nothing inside a compiled step. Float values outside
+      [-1, 1] raise only under `jaxgan.checked`.
   """
   images = jnp.asarray(images)
   if images.ndim != 4 or tuple(images.shape[1:]) != tuple(image_shape):
@@ -215,6 +217,7 @@ def to_float_images(images: jax.typing.ArrayLike,
     raise ValueError(
         f'Expected uint8 images in [0, 255] or float images in [-1, 1], got '
         f'dtype {images.dtype}.')
+  checks.image_range(images)
   return images.astype(jnp.float32)
 
 

@@ -1,0 +1,111 @@
+"""Opt-in checks of the values that compiled functions are given.
+
+Shapes and dtypes are checked when a function is traced, at no cost. Values
+(float images outside [-1, 1], labels outside [0, num_classes)) exist only on
+the device, and raising on them would make every step wait for the device.
+jaxgan's functions therefore state these conditions as
+`checkify.debug_check`s, which XLA removes from the compiled program, and
+`checked` turns them on for one function: its calls then raise a
+`JaxganError` for a bad value, at the price of one host sync per call.
+"""
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+from jaxgan.errors import JaxganError
+
+# Images a little outside [-1, 1] from float rounding of a rescaling pass.
+IMAGE_RANGE_TOLERANCE = 1e-3
+
+
+def image_range(images: jax.Array) -> None:
+  """States that float images `[B, H, W, C]` are finite and in [-1, 1]."""
+  checkify.debug_check(
+      jnp.all(jnp.abs(images) <= 1.0 + IMAGE_RANGE_TOLERANCE),
+      'Float images must be finite and in [-1, 1] (uint8 images are '
+      'rescaled from [0, 255]); got values from {} to {}, {} of them NaN. '
+      'Map [0, 1] images with 2 * x - 1, or pass uint8.',
+      jnp.nanmin(images), jnp.nanmax(images), jnp.sum(jnp.isnan(images)))
+
+
+def label_range(labels: jax.Array, num_classes: int, who: str) -> None:
+  """States that int labels `[B]` lie in [0, num_classes)."""
+  checkify.debug_check(
+      jnp.all((labels >= 0) & (labels < num_classes)),
+      f'{who} labels must lie in [0, {num_classes}); got labels from {{}} '
+      'to {}.', jnp.min(labels), jnp.max(labels))
+
+
+def _is_array_tree(value: Any) -> bool:
+  leaves = jax.tree.leaves(value)
+  return bool(leaves) and all(
+      isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves)
+
+
+def checked(fn: Callable[..., Any],
+            errors: frozenset = checkify.user_checks) -> Callable[..., Any]:
+  """Wraps `fn` so that its calls check the values they are given.
+
+  For debugging: the checks cost one host sync per call, and the wrapped
+  function no longer donates its inputs. Arguments that are arrays or
+  pytrees of arrays (states, batches, keys) are traced; all others (`num`,
+  `loss`, `num_steps`, None) are passed as they are, and each new
+  combination of them compiles anew, as static arguments do under
+  `jax.jit`.
+
+  Example::
+
+    train_step = jaxgan.checked(jaxgan.train_step)
+    state_g, state_d, metrics = train_step(state_g, state_d, batch, key)
+
+  Args:
+    fn: a jaxgan function such as `train_step`, `train_loop`, `sample` or
+      `discriminate`, or any function of arrays.
+    errors: the checkify error sets to enable; the default checks only the
+      conditions jaxgan states (images, labels). `checkify.nan_checks |
+      checkify.user_checks` also reports the first operation that makes a
+      NaN, `checkify.all_checks` out-of-bounds indexing as well.
+
+  Returns:
+    A function of the same arguments and results that raises `JaxganError`
+    naming the first failed check.
+  """
+  compiled = {}
+
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    named = list(enumerate(args)) + list(kwargs.items())
+    traced = tuple(name for name, value in named if _is_array_tree(value))
+    static = tuple((name, value) for name, value in named
+                   if name not in traced)
+    signature = (len(args), traced, static)
+    try:
+      function = compiled.get(signature)
+    except TypeError as e:
+      raise JaxganError(
+          f'checked({fn.__name__}): an argument that is not an array must '
+          f'be hashable; got {static}.') from e
+    if function is None:
+      constants = dict(static)
+
+      def call(traced_values):
+        values = {**constants, **dict(zip(traced, traced_values))}
+        return fn(*(values[i] for i in range(len(args))),
+                  **{key: values[key] for key in kwargs})
+
+      function = compiled[signature] = jax.jit(
+          checkify.checkify(call, errors=errors))
+    error, result = function(tuple(dict(named)[name] for name in traced))
+    try:
+      error.throw()
+    except checkify.JaxRuntimeError as e:
+      message = str(e).split('\n')[0].removesuffix(' (`check` failed)')
+      raise JaxganError(f'{fn.__name__}: {message}') from e
+    return result
+
+  return wrapper
