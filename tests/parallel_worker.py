@@ -2,7 +2,7 @@
 
 Usage: python parallel_worker.py MODE OUT_NPZ [ARGS]
   devices: 8 devices in one process against 1 device (the fused loop and one
-    train step); writes both results.
+    train step, checked too); writes both results.
   process PROCESS_ID NUM_PROCESSES PORT: one of several processes (gloo
     collectives) training a few fused steps data-parallel; process 0 writes
     the final states, and all write one checkpoint together (OUT_ckpt) and
@@ -74,6 +74,20 @@ def devices_mode(out):
   np.savez(out.replace('.npz', '_step.npz'),
            **{f'eight/{k}': v for k, v in flat8.items()},
            **{f'one/{k}': v for k, v in flat1.items()})
+  # Value checks work on the mesh as well, and leave the results alone.
+  checked_step = jaxgan.checked(parallel.train_step(mesh))
+  states8 = parallel.replicate(_states(), mesh)
+  g8, d8, _ = checked_step(*states8, parallel.shard_batch(batch, mesh),
+                           step_key)
+  for name, value in _flat((g8, d8)).items():
+    np.testing.assert_allclose(value, flat8[name], rtol=1e-5, atol=1e-6,
+                               err_msg=name)
+  try:
+    checked_step(*states8, parallel.shard_batch(
+        batch.astype(np.float32), mesh), step_key)
+    raise AssertionError('float images in [0, 255] were accepted')
+  except jaxgan.JaxganError as e:
+    assert 'Float images must be finite and in [-1, 1]' in str(e), e
   # A global batch that does not split over 8 devices is refused by name.
   try:
     parallel.shard_batch(images[:12], mesh)
