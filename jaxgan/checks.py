@@ -10,11 +10,15 @@ jaxgan's functions therefore state these conditions as
 """
 
 import functools
+import os
+import traceback
 from typing import Any, Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.experimental import checkify
 
 from jaxgan.errors import JaxganError
@@ -47,6 +51,31 @@ def _is_array_tree(value: Any) -> bool:
       isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves)
 
 
+_LIBRARY_DIRS = tuple(os.path.dirname(module.__file__) + os.sep
+                      for module in (jax, flax, optax))
+
+
+def _where(error: Exception) -> str:
+  """' (file:line, in function)' of the traced code that failed a check."""
+  # checkify raises from the error it recorded while tracing; that error's
+  # traceback ends in the code that made the failing operation.
+  frames = [frame for frame in traceback.extract_tb(
+      getattr(error.__cause__, '__traceback__', None))
+            if frame.filename != __file__]
+  if not frames:
+    return ''
+  where = [frames[-1]]
+  # Inside jax, flax or optax, also name the last call from the code that
+  # uses them.
+  outside = [frame for frame in frames
+             if not frame.filename.startswith(_LIBRARY_DIRS)]
+  if outside and outside[-1] is not frames[-1]:
+    where.append(outside[-1])
+  return ' (' + ', called from '.join(
+      f'{frame.filename}:{frame.lineno}, in {frame.name}'
+      for frame in where) + ')'
+
+
 def checked(fn: Callable[..., Any],
             errors: frozenset = checkify.user_checks) -> Callable[..., Any]:
   """Wraps `fn` so that its calls check the values they are given.
@@ -73,7 +102,7 @@ def checked(fn: Callable[..., Any],
 
   Returns:
     A function of the same arguments and results that raises `JaxganError`
-    naming the first failed check.
+    naming the first failed check and the line of code that made it.
   """
   compiled = {}
 
@@ -105,7 +134,7 @@ def checked(fn: Callable[..., Any],
       error.throw()
     except checkify.JaxRuntimeError as e:
       message = str(e).split('\n')[0].removesuffix(' (`check` failed)')
-      raise JaxganError(f'{fn.__name__}: {message}') from e
+      raise JaxganError(f'{fn.__name__}: {message}{_where(e)}') from e
     return result
 
   return wrapper
