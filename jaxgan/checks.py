@@ -105,19 +105,19 @@ def checked(fn: Callable[..., Any],
     naming the first failed check and the line of code that made it.
   """
   compiled = {}
+  name = getattr(fn, '__name__', type(fn).__name__)
 
   @functools.wraps(fn)
   def wrapper(*args, **kwargs):
     named = list(enumerate(args)) + list(kwargs.items())
-    traced = tuple(name for name, value in named if _is_array_tree(value))
-    static = tuple((name, value) for name, value in named
-                   if name not in traced)
+    traced = tuple(arg for arg, value in named if _is_array_tree(value))
+    static = tuple((arg, value) for arg, value in named if arg not in traced)
     signature = (len(args), traced, static)
     try:
       function = compiled.get(signature)
     except TypeError as e:
       raise JaxganError(
-          f'checked({fn.__name__}): an argument that is not an array must '
+          f'checked({name}): an argument that is not an array must '
           f'be hashable; got {static}.') from e
     if function is None:
       constants = dict(static)
@@ -129,12 +129,12 @@ def checked(fn: Callable[..., Any],
 
       function = compiled[signature] = jax.jit(
           checkify.checkify(call, errors=errors))
-    error, result = function(tuple(dict(named)[name] for name in traced))
+    error, result = function(tuple(dict(named)[arg] for arg in traced))
     try:
       error.throw()
     except checkify.JaxRuntimeError as e:
       message = str(e).split('\n')[0].removesuffix(' (`check` failed)')
-      raise JaxganError(f'{fn.__name__}: {message}{_where(e)}') from e
+      raise JaxganError(f'{name}: {message}{_where(e)}') from e
     return result
 
   return wrapper

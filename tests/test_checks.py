@@ -1,5 +1,7 @@
 """`jaxgan.checked`: value checks that are free when off and raise when on."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,6 +123,12 @@ def test_checked_with_more_error_sets_and_unhashable_arguments():
   assert float(log(jnp.float32(1.0))) == 0.0
   with pytest.raises(jaxgan.JaxganError, match='log: .*nan'):
     log(jnp.float32(-1.0))
+
+  # Partial functions have no __name__; their errors are named by type.
+  partial_log = jaxgan.checked(functools.partial(jnp.log),
+                               errors=checkify.nan_checks)
+  with pytest.raises(jaxgan.JaxganError, match='partial: .*nan'):
+    partial_log(-jnp.ones(2))
 
   def scale(x, factors):
     return x * factors[0]
