@@ -28,27 +28,42 @@ IMAGE_RANGE_TOLERANCE = 1e-3
 
 
 def image_range(images: jax.Array) -> None:
-  """States that float images `[B, H, W, C]` are finite and in [-1, 1]."""
+  """States that float images are finite and in [-1, 1].
+
+  Args:
+    images: float images `[B, H, W, C]`.
+  """
+  # `initial` keeps the message's reductions defined for an empty batch,
+  # which they are evaluated for even when the check is off.
   checkify.debug_check(
       jnp.all(jnp.abs(images) <= 1.0 + IMAGE_RANGE_TOLERANCE),
       'Float images must be finite and in [-1, 1] (uint8 images are '
       'rescaled from [0, 255]); got values from {} to {}, {} of them NaN. '
       'Map [0, 1] images with 2 * x - 1, or pass uint8.',
-      jnp.nanmin(images), jnp.nanmax(images), jnp.sum(jnp.isnan(images)))
+      jnp.nanmin(images, initial=jnp.inf),
+      jnp.nanmax(images, initial=-jnp.inf),
+      jnp.sum(jnp.isnan(images)))
 
 
 def label_range(labels: jax.Array, num_classes: int, who: str) -> None:
-  """States that int labels `[B]` lie in [0, num_classes)."""
+  """States that class labels lie in [0, num_classes).
+
+  Args:
+    labels: int labels `[B]`.
+    num_classes: the number of classes.
+    who: the network the labels are for, as the message names it
+      ('Generator', 'Discriminator').
+  """
+  limits = jnp.iinfo(labels.dtype)
   checkify.debug_check(
       jnp.all((labels >= 0) & (labels < num_classes)),
       f'{who} labels must lie in [0, {num_classes}); got labels from {{}} '
-      'to {}.', jnp.min(labels), jnp.max(labels))
+      'to {}.', jnp.min(labels, initial=limits.max),
+      jnp.max(labels, initial=limits.min))
 
 
-def _is_array_tree(value: Any) -> bool:
-  leaves = jax.tree.leaves(value)
-  return bool(leaves) and all(
-      isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves)
+def _is_traced(leaf: Any) -> bool:
+  return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
 
 
 _LIBRARY_DIRS = tuple(os.path.dirname(module.__file__) + os.sep
@@ -76,16 +91,27 @@ def _where(error: Exception) -> str:
       for frame in where) + ')'
 
 
+def _name(fn: Callable[..., Any]) -> str:
+  """The name errors give `fn` by: its own, or that of the function it
+  partially applies."""
+  name = getattr(fn, '__name__', None)
+  if name is None and hasattr(fn, 'func'):
+    name = f'partial({_name(fn.func)})'
+  return name or type(fn).__name__
+
+
 def checked(fn: Callable[..., Any],
             errors: frozenset = checkify.user_checks) -> Callable[..., Any]:
   """Wraps `fn` so that its calls check the values they are given.
 
   For debugging: the checks cost one host sync per call, and the wrapped
-  function no longer donates its inputs. Arguments that are arrays or
-  pytrees of arrays (states, batches, keys) are traced; all others (`num`,
-  `loss`, `num_steps`, None) are passed as they are, and each new
+  function no longer donates its inputs. Arguments are split into pytree
+  leaves: array leaves (`jax.Array`, NumPy arrays and scalars: states,
+  batches, keys) are traced; all other leaves (Python numbers such as `num`
+  or `num_steps`, strings, `loss`) are compiled in, and each new
   combination of them compiles anew, as static arguments do under
-  `jax.jit`.
+  `jax.jit`. A Python number that should not recompile per value
+  (`discriminator_loop`'s `first_step`) is best passed as `np.int32(...)`.
 
   Example::
 
@@ -94,42 +120,61 @@ def checked(fn: Callable[..., Any],
 
   Args:
     fn: a jaxgan function such as `train_step`, `train_loop`, `sample` or
-      `discriminate`, or any function of arrays.
+      `discriminate`, or any function of arrays. The checked function is
+      called by itself, not inside `jax.jit`, `vmap` or `grad`: checks
+      raise on the host, which a traced function cannot do.
     errors: the checkify error sets to enable; the default checks only the
-      conditions jaxgan states (images, labels). `checkify.nan_checks |
-      checkify.user_checks` also reports the first operation that makes a
-      NaN, `checkify.all_checks` out-of-bounds indexing as well.
+      conditions jaxgan states (images, labels).
+      `checkify.nan_checks | checkify.user_checks` also reports the first
+      operation that makes a NaN (not an infinity), `checkify.all_checks`
+      out-of-bounds indexing and division by zero as well.
 
   Returns:
     A function of the same arguments and results that raises `JaxganError`
     naming the first failed check and the line of code that made it.
   """
   compiled = {}
-  name = getattr(fn, '__name__', type(fn).__name__)
+  name = _name(fn)
 
-  @functools.wraps(fn)
+  # `updated=()`: `fn.__dict__` may hold attributes of a jitted function
+  # (`lower`, `trace`) that would not describe the wrapper.
+  @functools.wraps(fn, updated=())
   def wrapper(*args, **kwargs):
-    named = list(enumerate(args)) + list(kwargs.items())
-    traced = tuple(arg for arg, value in named if _is_array_tree(value))
-    static = tuple((arg, value) for arg, value in named if arg not in traced)
-    signature = (len(args), traced, static)
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+      raise JaxganError(
+          f'checked({name}) was called inside a traced function (jax.jit, '
+          'vmap, grad, scan), where a failed check cannot raise. Call it '
+          'outside: checked(jax.jit(f)) rather than jax.jit(checked(f)).')
+    is_traced = tuple(_is_traced(leaf) for leaf in leaves)
+    # The type too, since 1, 1.0 and True are equal as keys.
+    static = tuple((type(leaf), leaf)
+                   for leaf, traced in zip(leaves, is_traced) if not traced)
+    signature = (treedef, is_traced, static)
     try:
       function = compiled.get(signature)
     except TypeError as e:
+      kinds = sorted({kind.__name__ for kind, leaf in static
+                      if not _is_hashable(leaf)})
       raise JaxganError(
-          f'checked({name}): an argument that is not an array must '
-          f'be hashable; got {static}.') from e
+          f'checked({name}): arguments that are not arrays are compiled '
+          f'in and must be hashable; got {", ".join(kinds)}. Pass an '
+          'array, or a hashable value such as a tuple.') from e
     if function is None:
-      constants = dict(static)
+      template = [None if traced else leaf
+                  for leaf, traced in zip(leaves, is_traced)]
 
-      def call(traced_values):
-        values = {**constants, **dict(zip(traced, traced_values))}
-        return fn(*(values[i] for i in range(len(args))),
-                  **{key: values[key] for key in kwargs})
+      def call(traced_leaves):
+        given = iter(traced_leaves)
+        call_args, call_kwargs = jax.tree.unflatten(
+            treedef, [next(given) if traced else leaf
+                      for leaf, traced in zip(template, is_traced)])
+        return fn(*call_args, **call_kwargs)
 
       function = compiled[signature] = jax.jit(
           checkify.checkify(call, errors=errors))
-    error, result = function(tuple(dict(named)[arg] for arg in traced))
+    error, result = function(
+        [leaf for leaf, traced in zip(leaves, is_traced) if traced])
     try:
       error.throw()
     except checkify.JaxRuntimeError as e:
@@ -138,3 +183,11 @@ def checked(fn: Callable[..., Any],
     return result
 
   return wrapper
+
+
+def _is_hashable(value: Any) -> bool:
+  try:
+    hash(value)
+  except TypeError:
+    return False
+  return True

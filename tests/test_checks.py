@@ -26,6 +26,7 @@ def test_checked_step_equals_the_step_and_rejects_bad_images(
     states, real_batch):
   step = jaxgan.checked(jaxgan.train_step)
   key = jax.random.key(3)
+  before = copy_tree(states)
   ref = jaxgan.train_step(*copy_tree(states), real_batch, key)
   out = step(*states, real_batch, key)
   assert leaves_equal(out, ref)
@@ -39,7 +40,7 @@ def test_checked_step_equals_the_step_and_rejects_bad_images(
                      match=r'1 of them NaN.*train\.py:\d+, in to_float_images'):
     step(*states, real_batch.at[5, 3, 3, 0].set(jnp.nan), key)
   # The inputs are not donated: the states are still there after an error.
-  assert leaves_equal(states, copy_tree(states))
+  assert leaves_equal(states, before)
   assert int(states[0].step) == 0
 
   # Unchecked, the same step runs on those images without a word.
@@ -118,20 +119,81 @@ def test_nan_checks_name_the_operation_and_the_line(states, real_batch):
     step(state_g, state_d.replace(params=params), real_batch, key)
 
 
-def test_checked_with_more_error_sets_and_unhashable_arguments():
+def test_checked_with_more_error_sets_and_names():
   log = jaxgan.checked(jnp.log, errors=checkify.nan_checks)
   assert float(log(jnp.float32(1.0))) == 0.0
   with pytest.raises(jaxgan.JaxganError, match='log: .*nan'):
     log(jnp.float32(-1.0))
 
-  # Partial functions have no __name__; their errors are named by type.
   partial_log = jaxgan.checked(functools.partial(jnp.log),
                                errors=checkify.nan_checks)
-  with pytest.raises(jaxgan.JaxganError, match='partial: .*nan'):
+  with pytest.raises(jaxgan.JaxganError, match=r'^partial\(log\): .*nan'):
     partial_log(-jnp.ones(2))
 
-  def scale(x, factors):
-    return x * factors[0]
+  # The wrapper takes the name and docstring, not a jitted function's
+  # attributes such as `lower`.
+  step = jaxgan.checked(jaxgan.train_step)
+  assert step.__name__ == 'train_step'
+  assert step.__doc__ == jaxgan.train_step.__doc__
+  assert not hasattr(step, 'lower')
 
-  with pytest.raises(jaxgan.JaxganError, match='must be hashable'):
-    jaxgan.checked(scale)(jnp.ones(2), [2.0])
+
+def test_checked_splits_arguments_into_leaves_as_jit_does():
+  traces = []
+
+  def scale(x, factors):
+    traces.append(jax.tree.map(type, factors))
+    return x * factors['by'] + factors['plus']
+
+  checked_scale = jaxgan.checked(scale)
+  x = jnp.arange(3.0)
+  # A pytree mixing arrays and Python numbers: the numbers are compiled in.
+  np.testing.assert_array_equal(
+      checked_scale(x, {'by': 2.0, 'plus': jnp.float32(1.0)}), 2 * x + 1)
+  # NumPy scalars are traced like arrays: a new value does not recompile.
+  np.testing.assert_array_equal(
+      checked_scale(x, {'by': 2.0, 'plus': np.float32(3.0)}), 2 * x + 3)
+  np.testing.assert_array_equal(
+      checked_scale(x, {'by': 2.0, 'plus': np.float32(4.0)}), 2 * x + 4)
+  assert len(traces) == 1
+  # A new Python number does.
+  np.testing.assert_array_equal(
+      checked_scale(x, {'by': 3.0, 'plus': np.float32(4.0)}), 3 * x + 4)
+  assert len(traces) == 2
+  assert traces[0]['by'] is float
+
+  # 1, 1.0 and True are equal as Python values but not as constants.
+  as_array = jaxgan.checked(lambda x, n: x + jnp.asarray(n))
+  dtypes = [as_array(jnp.zeros((), jnp.int32), n).dtype
+            for n in (1, True, 1.0)]
+  assert [str(dtype) for dtype in dtypes] == ['int32', 'int32', 'float32']
+  assert as_array(jnp.zeros((), jnp.bool_), True).dtype == jnp.bool_
+
+  with pytest.raises(jaxgan.JaxganError,
+                     match=r'checked\(scale\): .*must be hashable; got set'):
+    checked_scale(x, {'by': {2.0}, 'plus': 1.0})
+
+
+def test_checked_refuses_to_be_traced():
+  log = jaxgan.checked(jnp.log)
+  with pytest.raises(jaxgan.JaxganError,
+                     match=r'checked\(log\) was called inside a traced '
+                           r'function.*checked\(jax.jit\(f\)\)'):
+    jax.jit(log)(jnp.ones(2))
+  # The other way round is how to check a traced function.
+  assert float(jaxgan.checked(jax.jit(jnp.log))(jnp.float32(1.0))) == 0.0
+
+
+def test_checks_allow_empty_batches(conditional):
+  (state_g, _), _ = conditional
+  # The checks' message values are computed even when the checks are off;
+  # an empty batch must not make them fail.
+  empty = jaxgan.generate(state_g, jnp.zeros((0, 100)),
+                          jnp.zeros((0,), jnp.int32))
+  assert empty.shape == (0, 28, 28, 1)
+  assert jaxgan.checked(jaxgan.generate)(
+      state_g, jnp.zeros((0, 100)), jnp.zeros((0,), jnp.int32)).shape == (
+          0, 28, 28, 1)
+  # Steps refuse empty batches by name; the image check itself allows them.
+  assert jaxgan.checked(jaxgan.checks.image_range)(
+      jnp.zeros((0, 28, 28, 1))) is None
