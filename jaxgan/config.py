@@ -11,6 +11,7 @@ from jaxgan import losses
 from jaxgan import models
 from jaxgan import penalties
 from jaxgan import train
+from jaxgan.errors import is_positive_integer
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 NUM_CLASSES = 10
@@ -84,8 +85,7 @@ class DCGANConfig:
                  'discriminator_channels_1', 'discriminator_channels_2',
                  'batch_size', 'penalty_every', 'n_critic'):
       value = getattr(self, name)
-      if (not isinstance(value, int) or isinstance(value, bool) or value < 1
-          or value > _MAX_SIZE):
+      if not is_positive_integer(value) or value > _MAX_SIZE:
         raise ValueError(f'{name} must be an integer in [1, {_MAX_SIZE}], '
                          f'got {value!r}.')
     for name in ('generator_batch_norm', 'discriminator_batch_norm',

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxgan.errors import is_positive_integer
 from jaxgan.penalties import Penalty
 
 
@@ -63,8 +64,7 @@ class GANLoss(NamedTuple):
     non-positive `n_critic` fails at once instead of training on something
     else.
     """
-    if (not isinstance(self.n_critic, int) or isinstance(self.n_critic, bool)
-        or self.n_critic < 1):
+    if not is_positive_integer(self.n_critic):
       raise ValueError(f'n_critic (D updates per G update) must be a '
                        f'positive integer, got {self.n_critic!r}.')
     if self.penalty is not None:

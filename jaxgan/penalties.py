@@ -11,6 +11,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxgan.errors import is_positive_integer
+
 DiscriminatorFn = Callable[[jax.Array], jax.Array]
 PENALTIES = ('gradient_penalty', 'r1')
 
@@ -99,8 +101,7 @@ class Penalty(NamedTuple):
     if not self.weight > 0:
       raise ValueError(f'The penalty weight must be positive, got '
                        f'{self.weight}.')
-    if (not isinstance(self.every, int) or isinstance(self.every, bool)
-        or self.every < 1):
+    if not is_positive_integer(self.every):
       raise ValueError(f'The penalty interval must be a positive integer, '
                        f'got {self.every!r}.')
     return self

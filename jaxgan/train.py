@@ -18,6 +18,7 @@ from flax.training import train_state
 
 from jaxgan import checks
 from jaxgan import losses as losses_lib
+from jaxgan.errors import is_positive_integer
 from jaxgan.models import IMAGE_SHAPE
 
 Metrics = dict[str, jax.Array]
@@ -957,7 +958,7 @@ def sample(state_g: GeneratorState, key: jax.Array, num: int,
   Returns:
     `[num, 28, 28, 1]` float32 in [-1, 1].
   """
-  if not isinstance(num, int) or isinstance(num, bool) or num < 1:
+  if not is_positive_integer(num):
     raise ValueError(f'num (images to sample) must be a positive integer, '
                      f'got {num!r}.')
   noise, drawn_labels = _fake_inputs(state_g, key, num)
