@@ -33,16 +33,16 @@ def image_range(images: jax.Array) -> None:
   Args:
     images: float images `[B, H, W, C]`.
   """
-  # `initial` keeps the message's reductions defined for an empty batch,
-  # which they are evaluated for even when the check is off.
+  # The message's reductions have no value for an empty batch, which is in
+  # range anyway; the shape is static, so this costs nothing when traced.
+  if images.size == 0:
+    return
   checkify.debug_check(
       jnp.all(jnp.abs(images) <= 1.0 + IMAGE_RANGE_TOLERANCE),
       'Float images must be finite and in [-1, 1] (uint8 images are '
       'rescaled from [0, 255]); got values from {} to {}, {} of them NaN. '
       'Map [0, 1] images with 2 * x - 1, or pass uint8.',
-      jnp.nanmin(images, initial=jnp.inf),
-      jnp.nanmax(images, initial=-jnp.inf),
-      jnp.sum(jnp.isnan(images)))
+      jnp.nanmin(images), jnp.nanmax(images), jnp.sum(jnp.isnan(images)))
 
 
 def label_range(labels: jax.Array, num_classes: int, who: str) -> None:
@@ -54,16 +54,31 @@ def label_range(labels: jax.Array, num_classes: int, who: str) -> None:
     who: the network the labels are for, as the message names it
       ('Generator', 'Discriminator').
   """
-  limits = jnp.iinfo(labels.dtype)
+  if labels.size == 0:
+    return
   checkify.debug_check(
       jnp.all((labels >= 0) & (labels < num_classes)),
       f'{who} labels must lie in [0, {num_classes}); got labels from {{}} '
-      'to {}.', jnp.min(labels, initial=limits.max),
-      jnp.max(labels, initial=limits.min))
+      'to {}.', jnp.min(labels), jnp.max(labels))
 
 
 def _is_traced(leaf: Any) -> bool:
-  return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+  # NumPy scalars stay static, as under `jax.jit`, where they are hashable
+  # static arguments (`num=np.int64(8)`) and fields of `GANLoss`.
+  return isinstance(leaf, (jax.Array, np.ndarray))
+
+
+def _static_key(leaf: Any) -> Any:
+  """A cache key for a compiled-in leaf: equal keys, equal programs."""
+  # The type, since 1, 1.0 and True are equal as keys; the bits of a float,
+  # since 0.0 == -0.0 and NaN equals nothing.
+  if isinstance(leaf, np.generic):
+    return type(leaf), leaf.tobytes()
+  if isinstance(leaf, float):
+    return float, leaf.hex()
+  if isinstance(leaf, complex):
+    return complex, leaf.real.hex(), leaf.imag.hex()
+  return type(leaf), leaf
 
 
 _LIBRARY_DIRS = tuple(os.path.dirname(module.__file__) + os.sep
@@ -106,12 +121,13 @@ def checked(fn: Callable[..., Any],
 
   For debugging: the checks cost one host sync per call, and the wrapped
   function no longer donates its inputs. Arguments are split into pytree
-  leaves: array leaves (`jax.Array`, NumPy arrays and scalars: states,
-  batches, keys) are traced; all other leaves (Python numbers such as `num`
-  or `num_steps`, strings, `loss`) are compiled in, and each new
+  leaves: array leaves (`jax.Array` and NumPy arrays: states, batches,
+  keys) are traced; all other leaves (Python and NumPy scalars such as
+  `num` or `num_steps`, strings, `loss`) are compiled in, and each new
   combination of them compiles anew, as static arguments do under
-  `jax.jit`. A Python number that should not recompile per value
-  (`discriminator_loop`'s `first_step`) is best passed as `np.int32(...)`.
+  `jax.jit`. A number that should not recompile per value
+  (`discriminator_loop`'s `first_step`) is best passed as an array,
+  `jnp.int32(...)`.
 
   Example::
 
@@ -130,32 +146,39 @@ def checked(fn: Callable[..., Any],
       out-of-bounds indexing and division by zero as well.
 
   Returns:
-    A function of the same arguments and results that raises `JaxganError`
-    naming the first failed check and the line of code that made it.
+    A function of the same arguments that raises `JaxganError` naming the
+    first failed check and the line of code that made it. Its results are
+    `fn`'s (the tests compare them bit for bit with the default `errors`);
+    more error sets add checks that change how XLA fuses the program, so
+    float results may then differ in the last bits.
   """
   compiled = {}
   name = _name(fn)
+
+  def refuse_if_traced(values):
+    if any(isinstance(leaf, jax.core.Tracer)
+           for leaf in jax.tree.leaves(values)):
+      raise JaxganError(
+          f'checked({name}) was called inside a traced function (jax.jit, '
+          'vmap, grad, scan), where a failed check cannot raise. Call it '
+          'outside: checked(jax.jit(f)) rather than jax.jit(checked(f)).')
 
   # `updated=()`: `fn.__dict__` may hold attributes of a jitted function
   # (`lower`, `trace`) that would not describe the wrapper.
   @functools.wraps(fn, updated=())
   def wrapper(*args, **kwargs):
     leaves, treedef = jax.tree.flatten((args, kwargs))
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
-      raise JaxganError(
-          f'checked({name}) was called inside a traced function (jax.jit, '
-          'vmap, grad, scan), where a failed check cannot raise. Call it '
-          'outside: checked(jax.jit(f)) rather than jax.jit(checked(f)).')
+    refuse_if_traced(leaves)
     is_traced = tuple(_is_traced(leaf) for leaf in leaves)
-    # The type too, since 1, 1.0 and True are equal as keys.
-    static = tuple((type(leaf), leaf)
+    static = tuple(_static_key(leaf)
                    for leaf, traced in zip(leaves, is_traced) if not traced)
     signature = (treedef, is_traced, static)
     try:
       function = compiled.get(signature)
     except TypeError as e:
-      kinds = sorted({kind.__name__ for kind, leaf in static
-                      if not _is_hashable(leaf)})
+      kinds = sorted({type(leaf).__name__
+                      for leaf, traced in zip(leaves, is_traced)
+                      if not traced and not _is_hashable(leaf)})
       raise JaxganError(
           f'checked({name}): arguments that are not arrays are compiled '
           f'in and must be hashable; got {", ".join(kinds)}. Pass an '
@@ -175,10 +198,12 @@ def checked(fn: Callable[..., Any],
           checkify.checkify(call, errors=errors))
     error, result = function(
         [leaf for leaf, traced in zip(leaves, is_traced) if traced])
+    # Arrays that `fn` closes over can be traced even when no argument is.
+    refuse_if_traced((error, result))
     try:
       error.throw()
     except checkify.JaxRuntimeError as e:
-      message = str(e).split('\n')[0].removesuffix(' (`check` failed)')
+      message = str(e).removesuffix(' (`check` failed)')
       raise JaxganError(f'{name}: {message}{_where(e)}') from e
     return result
 

@@ -150,17 +150,35 @@ def test_checked_splits_arguments_into_leaves_as_jit_does():
   # A pytree mixing arrays and Python numbers: the numbers are compiled in.
   np.testing.assert_array_equal(
       checked_scale(x, {'by': 2.0, 'plus': jnp.float32(1.0)}), 2 * x + 1)
-  # NumPy scalars are traced like arrays: a new value does not recompile.
+  # NumPy arrays, 0-d ones too, are traced: a new value does not recompile.
   np.testing.assert_array_equal(
-      checked_scale(x, {'by': 2.0, 'plus': np.float32(3.0)}), 2 * x + 3)
+      checked_scale(x, {'by': 2.0, 'plus': np.asarray(3.0)}), 2 * x + 3)
   np.testing.assert_array_equal(
-      checked_scale(x, {'by': 2.0, 'plus': np.float32(4.0)}), 2 * x + 4)
+      checked_scale(x, {'by': 2.0, 'plus': np.asarray(4.0)}), 2 * x + 4)
   assert len(traces) == 1
   # A new Python number does.
   np.testing.assert_array_equal(
-      checked_scale(x, {'by': 3.0, 'plus': np.float32(4.0)}), 3 * x + 4)
+      checked_scale(x, {'by': 3.0, 'plus': np.asarray(4.0)}), 3 * x + 4)
   assert len(traces) == 2
   assert traces[0]['by'] is float
+
+  # NumPy scalars are compiled in as under `jax.jit`, where they can be
+  # static arguments.
+  repeat = jaxgan.checked(
+      jax.jit(lambda x, n: jnp.tile(x, n), static_argnums=1))
+  assert repeat(x, np.int64(2)).shape == (6,)
+
+  # Floats are told apart by their bits: 0.0 == -0.0 but 1 / -0.0 < 0, and
+  # a NaN compiled in once is found again though NaN equals nothing.
+  inverse = jaxgan.checked(lambda x, c: x / c)
+  assert float(inverse(jnp.float32(1.0), 0.0)) == np.inf
+  assert float(inverse(jnp.float32(1.0), -0.0)) == -np.inf
+  assert float(inverse(jnp.float32(1.0), np.float32(-0.0))) == -np.inf
+  traces.clear()
+  for _ in range(2):
+    assert np.all(np.isnan(checked_scale(x, {'by': np.nan, 'plus': 0.0})))
+    checked_scale(x, {'by': np.float32(np.nan), 'plus': 0.0})
+  assert len(traces) == 2
 
   # 1, 1.0 and True are equal as Python values but not as constants.
   as_array = jaxgan.checked(lambda x, n: x + jnp.asarray(n))
@@ -180,6 +198,13 @@ def test_checked_refuses_to_be_traced():
                      match=r'checked\(log\) was called inside a traced '
                            r'function.*checked\(jax.jit\(f\)\)'):
     jax.jit(log)(jnp.ones(2))
+  with pytest.raises(jaxgan.JaxganError, match='inside a traced function'):
+    jax.vmap(log)(jnp.ones(2))
+  with pytest.raises(jaxgan.JaxganError, match='inside a traced function'):
+    jax.grad(lambda x: log(x).sum())(jnp.ones(2))
+  # Arrays the function closes over are traced too when it is made inside.
+  with pytest.raises(jaxgan.JaxganError, match='inside a traced function'):
+    jax.jit(lambda x: jaxgan.checked(lambda: jnp.log(x))())(jnp.ones(2))
   # The other way round is how to check a traced function.
   assert float(jaxgan.checked(jax.jit(jnp.log))(jnp.float32(1.0))) == 0.0
 
@@ -194,6 +219,19 @@ def test_checks_allow_empty_batches(conditional):
   assert jaxgan.checked(jaxgan.generate)(
       state_g, jnp.zeros((0, 100)), jnp.zeros((0,), jnp.int32)).shape == (
           0, 28, 28, 1)
-  # Steps refuse empty batches by name; the image check itself allows them.
+  # Steps refuse empty batches by name; the checks themselves allow them.
   assert jaxgan.checked(jaxgan.checks.image_range)(
       jnp.zeros((0, 28, 28, 1))) is None
+  assert jaxgan.checked(jaxgan.checks.label_range)(
+      jnp.zeros((0,), jnp.int32), 10, 'Generator') is None
+  with pytest.raises(ValueError, match='no images'):
+    jaxgan.checked(jaxgan.train_step)(
+        *copy_tree(conditional[0]),
+        (jnp.zeros((0, 28, 28, 1)), jnp.zeros((0,), jnp.int32)),
+        jax.random.key(0))
+
+
+def test_all_nan_images_are_reported_as_nan():
+  with pytest.raises(jaxgan.JaxganError,
+                     match=r'from nan to nan, 4 of them NaN'):
+    jaxgan.checked(jaxgan.checks.image_range)(jnp.full((1, 2, 2, 1), jnp.nan))
