@@ -12,6 +12,7 @@ jaxgan's functions therefore state these conditions as
 import functools
 import os
 import traceback
+import warnings
 from typing import Any, Callable
 
 import flax
@@ -63,22 +64,30 @@ def label_range(labels: jax.Array, num_classes: int, who: str) -> None:
 
 
 def _is_traced(leaf: Any) -> bool:
-  # NumPy scalars stay static, as under `jax.jit`, where they are hashable
-  # static arguments (`num=np.int64(8)`) and fields of `GANLoss`.
+  # NumPy scalars stay static: under `jax.jit` they can be hashable static
+  # arguments (`static_argnums`) and fields of static pytrees such as
+  # `Penalty(weight=np.float32(10.0))`, which tracing would break.
   return isinstance(leaf, (jax.Array, np.ndarray))
 
 
 def _static_key(leaf: Any) -> Any:
-  """A cache key for a compiled-in leaf: equal keys, equal programs."""
+  """A cache key for a compiled-in leaf that tells apart values that are
+  equal in Python but compile differently."""
   # The type, since 1, 1.0 and True are equal as keys; the bits of a float,
-  # since 0.0 == -0.0 and NaN equals nothing.
+  # since 0.0 == -0.0 and NaN equals nothing; a NumPy scalar's dtype, since
+  # its bits alone leave out units (datetime64) and field names.
   if isinstance(leaf, np.generic):
-    return type(leaf), leaf.tobytes()
+    return type(leaf), leaf.dtype, leaf.tobytes()
   if isinstance(leaf, float):
-    return float, leaf.hex()
+    return type(leaf), leaf.hex()
   if isinstance(leaf, complex):
-    return complex, leaf.real.hex(), leaf.imag.hex()
+    return type(leaf), leaf.real.hex(), leaf.imag.hex()
   return type(leaf), leaf
+
+
+# Compiled programs of one checked function past which it warns: a number
+# that changes per call is then most likely compiled in.
+_MANY_PROGRAMS = 8
 
 
 _LIBRARY_DIRS = tuple(os.path.dirname(module.__file__) + os.sep
@@ -125,9 +134,10 @@ def checked(fn: Callable[..., Any],
   keys) are traced; all other leaves (Python and NumPy scalars such as
   `num` or `num_steps`, strings, `loss`) are compiled in, and each new
   combination of them compiles anew, as static arguments do under
-  `jax.jit`. A number that should not recompile per value
-  (`discriminator_loop`'s `first_step`) is best passed as an array,
-  `jnp.int32(...)`.
+  `jax.jit` (NumPy scalars included, which `jax.jit` traces unless they
+  are static). Pass a number that changes per call (`discriminator_loop`'s
+  `first_step`) as an array, `jnp.int32(...)`; a checked function that has
+  compiled 8 programs warns, naming the arguments that changed.
 
   Example::
 
@@ -196,6 +206,13 @@ def checked(fn: Callable[..., Any],
 
       function = compiled[signature] = jax.jit(
           checkify.checkify(call, errors=errors))
+      if len(compiled) == _MANY_PROGRAMS:
+        warnings.warn(
+            f'checked({name}) has compiled {_MANY_PROGRAMS} programs, one '
+            'for each new combination of the arguments that are not '
+            f'arrays{_changed(compiled, args, kwargs)}. Pass numbers that '
+            'change per call as arrays, such as jnp.int32(step).',
+            stacklevel=2)
     error, result = function(
         [leaf for leaf, traced in zip(leaves, is_traced) if traced])
     # Arrays that `fn` closes over can be traced even when no argument is.
@@ -208,6 +225,25 @@ def checked(fn: Callable[..., Any],
     return result
 
   return wrapper
+
+
+def _changed(compiled: dict, args: tuple, kwargs: dict) -> str:
+  """' (changed: args[1]=2.0, ...)' for the compiled-in leaves of this call
+  that differ from those of the first compiled program."""
+  (*first_kind, first), *_, (*kind, last) = compiled
+  if kind != first_kind:
+    return ' (their structure changed)'
+  paths = [f'args{jax.tree_util.keystr(path)}' for path, _ in
+           jax.tree_util.tree_flatten_with_path(args)[0]]
+  paths += [f'kwargs{jax.tree_util.keystr(path)}' for path, _ in
+            jax.tree_util.tree_flatten_with_path(kwargs)[0]]
+  is_traced = kind[1]
+  leaves = jax.tree.leaves((args, kwargs))
+  static = [(path, leaf) for path, leaf, traced in
+            zip(paths, leaves, is_traced) if not traced]
+  changed = [f'{path}={leaf!r}' for (path, leaf), old, new
+             in zip(static, first, last) if old != new]
+  return f' (changed: {", ".join(changed[:4])})' if changed else ''
 
 
 def _is_hashable(value: Any) -> bool:

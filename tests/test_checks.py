@@ -1,6 +1,7 @@
 """`jaxgan.checked`: value checks that are free when off and raise when on."""
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -171,14 +172,24 @@ def test_checked_splits_arguments_into_leaves_as_jit_does():
   # Floats are told apart by their bits: 0.0 == -0.0 but 1 / -0.0 < 0, and
   # a NaN compiled in once is found again though NaN equals nothing.
   inverse = jaxgan.checked(lambda x, c: x / c)
-  assert float(inverse(jnp.float32(1.0), 0.0)) == np.inf
-  assert float(inverse(jnp.float32(1.0), -0.0)) == -np.inf
-  assert float(inverse(jnp.float32(1.0), np.float32(-0.0))) == -np.inf
+  one = jnp.float32(1.0)
+  assert float(inverse(one, 0.0)) == np.inf
+  assert float(inverse(one, -0.0)) == -np.inf
+  assert float(inverse(one, np.float32(0.0))) == np.inf
+  assert float(inverse(one, np.float32(-0.0))) == -np.inf
   traces.clear()
   for _ in range(2):
-    assert np.all(np.isnan(checked_scale(x, {'by': np.nan, 'plus': 0.0})))
-    checked_scale(x, {'by': np.float32(np.nan), 'plus': 0.0})
+    # A new NaN object each time, not equal to the last.
+    nan = float('nan')
+    assert np.all(np.isnan(checked_scale(x, {'by': nan, 'plus': 0.0})))
+    checked_scale(x, {'by': np.float32(nan), 'plus': 0.0})
   assert len(traces) == 2
+  # A NumPy scalar's dtype is part of its key: these have the same bits.
+  text_length = jaxgan.checked(lambda x, d: x + len(str(d)))
+  zero = jnp.int32(0)
+  assert int(text_length(zero, np.datetime64(1, 'D'))) == len('1970-01-02')
+  assert int(text_length(zero, np.datetime64(1, 's'))) == len(
+      '1970-01-01T00:00:01')
 
   # 1, 1.0 and True are equal as Python values but not as constants.
   as_array = jaxgan.checked(lambda x, n: x + jnp.asarray(n))
@@ -229,6 +240,34 @@ def test_checks_allow_empty_batches(conditional):
         *copy_tree(conditional[0]),
         (jnp.zeros((0, 28, 28, 1)), jnp.zeros((0,), jnp.int32)),
         jax.random.key(0))
+
+
+def test_checked_warns_when_it_compiles_many_programs():
+  shift = jaxgan.checked(lambda x, by: x + by)
+  x = jnp.zeros(2)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    for by in range(7):
+      shift(x, by)
+    # A program already compiled is reused without a word.
+    shift(x, 0)
+  with pytest.warns(UserWarning,
+                    match=r'compiled 8 programs.*changed: args\[1\]=7\)\. '
+                          r'Pass numbers .* as arrays'):
+    shift(x, 7)
+  # Passed as an array, the number compiles once.
+  before = shift(x, jnp.int32(0))
+  np.testing.assert_array_equal(shift(x, jnp.int32(9)), before + 9)
+
+
+def test_checked_keeps_every_line_of_a_message():
+  def positive(x):
+    checkify.check(jnp.all(x > 0), 'x must be positive:\nfound {}', x[0])
+    return x
+
+  with pytest.raises(jaxgan.JaxganError,
+                     match=r'^positive: x must be positive:\nfound -1\.0 \('):
+    jaxgan.checked(positive)(-jnp.ones(2))
 
 
 def test_all_nan_images_are_reported_as_nan():
